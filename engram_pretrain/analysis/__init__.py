@@ -1,0 +1,1 @@
+"""Analysis: parameter accounting, CKA, LogitLens, experiment tables and figures."""

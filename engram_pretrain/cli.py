@@ -1,0 +1,108 @@
+"""`engram-pretrain <command>`: the user entry point."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import ConfigError, RunConfig, load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PRESET_DIR = REPO_ROOT / "configs"
+
+
+def resolve_config_path(name: str) -> Path:
+    """A YAML path, or a preset name from `configs/` (e.g. `engram-27b`)."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    preset = PRESET_DIR / f"{name}.yaml"
+    if not preset.exists():
+        names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset '{name}'; available: {', '.join(names)}")
+    return preset
+
+
+def load(name: str, overrides: list[str]) -> RunConfig:
+    """Load a preset or YAML file with dotted overrides."""
+    return load_config(resolve_config_path(name), overrides)
+
+
+def _fmt(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from .analysis.params import count_parameters
+
+    cfg = load(args.config, args.overrides)
+    c = count_parameters(cfg.model)
+    rows = [
+        ("total", c.total),
+        ("activated (w/o embedding and LM head)", c.activated),
+        ("activated (w/o embedding, with LM head)", c.activated_with_head),
+        ("engram (tables + projections)", c.engram),
+        ("  engram tables", c.engram_tables),
+        ("routed experts (all)", c.routed_experts),
+        ("sparse (total - activated, w/o embedding and head)", c.sparse),
+        ("token embedding", c.embedding),
+        ("LM head", c.lm_head),
+    ]
+    print(f"{cfg.name}: {cfg.model.num_layers} layers, d={cfg.model.hidden_size}")
+    width = max(len(r[0]) for r in rows)
+    for label, n in rows:
+        print(f"  {label:<{width}}  {_fmt(n):>9}  ({n:,})")
+    return 0
+
+
+def cmd_show_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .config import to_dict
+
+    print(yaml.safe_dump(to_dict(load(args.config, args.overrides)), sort_keys=False), end="")
+    return 0
+
+
+def cmd_config_docs(args: argparse.Namespace) -> int:
+    from .config_docs import render_reference
+
+    text = render_reference()
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        print(text, end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="engram-pretrain", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("config", help="preset name (configs/<name>.yaml) or YAML path")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=4")
+        return p
+
+    with_config("params", "count total / activated / Engram parameters on the meta device").set_defaults(
+        func=cmd_params)
+    with_config("show-config", "print the resolved config as YAML").set_defaults(func=cmd_show_config)
+    p = sub.add_parser("config-docs", help="render the config reference Markdown")
+    p.add_argument("--output", "-o", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_config_docs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Engram addressing: tokenizer compression (raw id -> compressed id) and multi-head n-gram hashing."""

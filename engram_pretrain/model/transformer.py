@@ -1,0 +1,158 @@
+"""The decoder: embedding -> M residual streams -> blocks [Engram] + attention + MoE/FFN -> collapse -> head.
+
+Distribution enters only through the two objects the model receives: an expert dispatcher (MoE) and
+a table factory (Engram lookups). Both default to local, single-process implementations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .addressing import EngramAddresser, EngramAddressing
+from .attention import build_attention
+from .config import ModelConfig
+from .engram import EngramModule, TableFactory, local_table_factory
+from .hyper_connections import HeadCollapse, HyperConnection, expand_streams
+from .moe import MoE, SwiGLU
+
+
+@dataclass
+class ModelOutput:
+    """What a forward pass returns."""
+
+    logits: torch.Tensor
+    """[B, T, V] next-token logits."""
+    loss: torch.Tensor | None = None
+    """Mean cross-entropy over labelled tokens plus the MoE auxiliary losses (when labels are given)."""
+    lm_loss: torch.Tensor | None = None
+    """Mean cross-entropy alone."""
+    aux_loss: torch.Tensor | None = None
+    """Sum of the MoE sequence-wise balance losses (None when disabled)."""
+    hidden_states: list[torch.Tensor] = field(default_factory=list)
+    """With `output_hidden_states`: the embedding and every block output, each collapsed to [B, T, D]."""
+
+
+class Block(nn.Module):
+    """One transformer block: optional Engram, then attention and FFN/MoE, each wrapped in mHC."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, dispatcher: object | None,
+                 engram_module: EngramModule | None) -> None:
+        super().__init__()
+        dim, hc = cfg.hidden_size, cfg.hyper_connections
+        self.layer_id = layer_id
+        self.engram = engram_module
+        self.engram_hc = None
+        if engram_module is not None and not cfg.engram.multi_branch:
+            self.engram_hc = HyperConnection(dim, hc, layer_index=3 * layer_id + 2)
+        self.attn_norm = nn.RMSNorm(dim, eps=cfg.norm_eps)
+        self.attn = build_attention(cfg)
+        self.attn_hc = HyperConnection(dim, hc, layer_index=2 * layer_id)
+        self.ffn_norm = nn.RMSNorm(dim, eps=cfg.norm_eps)
+        self.is_moe = layer_id >= cfg.moe.first_k_dense
+        self.ffn: nn.Module = (MoE(dim, cfg.moe, cfg.init_std, dispatcher) if self.is_moe
+                               else SwiGLU(dim, cfg.dense_ffn_dim, cfg.init_std))
+        self.ffn_hc = HyperConnection(dim, hc, layer_index=2 * layer_id + 1)
+
+    def forward(self, streams: torch.Tensor, row_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """streams: [B, T, M, D]; row_ids: [B, T, H] Engram row ids of this layer."""
+        if self.engram is not None:
+            assert row_ids is not None, f"layer {self.layer_id} has Engram but got no row ids"
+            if self.engram_hc is None:
+                streams = streams + self.engram(streams, row_ids)
+            else:
+                engram = self.engram
+                streams = self.engram_hc(streams, lambda u: engram(u.unsqueeze(2), row_ids).squeeze(2))
+        streams = self.attn_hc(streams, lambda u: self.attn(self.attn_norm(u)))
+        return self.ffn_hc(streams, lambda u: self.ffn(self.ffn_norm(u)))
+
+
+class EngramMoEModel(nn.Module):
+    """Decoder-only DeepSeekMoE transformer with mHC residual streams and Engram memory."""
+
+    def __init__(self, cfg: ModelConfig, addressing: EngramAddressing | None = None,
+                 dispatcher: object | None = None, table_factory: TableFactory | None = None) -> None:
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        dim, e = cfg.hidden_size, cfg.engram
+        self.embed = nn.Embedding(cfg.vocab_size, dim)
+        self.addresser: EngramAddresser | None = None
+        if e.layers:
+            if addressing is None:
+                raise ValueError("model.engram.layers is set but no EngramAddressing was given: build one "
+                                 "with engram_pretrain.memory.addressing.build_addressing(model_config, ...)")
+            if sorted(addressing.layer_head_sizes) != sorted(e.layers):
+                raise ValueError(f"EngramAddressing covers layers {sorted(addressing.layer_head_sizes)} "
+                                 f"but model.engram.layers is {sorted(e.layers)}")
+            self.addresser = EngramAddresser(addressing, e.max_ngram, e.num_heads)
+        factory = table_factory or local_table_factory(e.table_init_std)
+        d_head = e.d_mem // ((e.max_ngram - 1) * e.num_heads)
+        blocks = []
+        for layer in range(cfg.num_layers):
+            engram = None
+            if layer in e.layers:
+                assert self.addresser is not None
+                sizes = self.addresser.head_sizes(layer)
+                branches = cfg.hyper_connections.num_streams if e.multi_branch else 1
+                engram = EngramModule(dim, e, layer, sizes, branches, factory(layer, sum(sizes), d_head),
+                                      init_std=cfg.init_std)
+            blocks.append(Block(cfg, layer, dispatcher, engram))
+        self.blocks = nn.ModuleList(blocks)
+        self.head_collapse = HeadCollapse(dim, cfg.hyper_connections)
+        self.norm = nn.RMSNorm(dim, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(dim, cfg.vocab_size, bias=False)
+        nn.init.normal_(self.embed.weight, std=cfg.init_std)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        else:
+            nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+
+    def engram_row_ids(self, input_ids: torch.Tensor,
+                       segment_ids: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """input_ids: [B, T] -> {layer: [B, T, H]} per-head row ids (bit-exact reference hashing)."""
+        if self.addresser is None:
+            return {}
+        if not self.config.engram.reset_at_doc_boundary:
+            segment_ids = None
+        return self.addresser(input_ids, segment_ids)
+
+    def moe_layers(self) -> list[MoE]:
+        """The MoE modules in block order."""
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
+
+    @torch.no_grad()
+    def update_moe_biases(self, global_loads: list[torch.Tensor] | None = None) -> None:
+        """Loss-free balancing step for every MoE layer; call after each optimizer step.
+
+        `global_loads` holds per-layer expert counts already summed over the whole global batch
+        (all micro-batches and ranks); None uses each layer's local accumulated counts.
+        """
+        for i, moe in enumerate(self.moe_layers()):
+            moe.update_bias(None if global_loads is None else global_loads[i])
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                engram_row_ids: dict[int, torch.Tensor] | None = None,
+                segment_ids: torch.Tensor | None = None,
+                output_hidden_states: bool = False) -> ModelOutput:
+        """input_ids: [B, T] raw ids; labels: [B, T] next-token targets (-100 ignored)."""
+        if engram_row_ids is None:
+            engram_row_ids = self.engram_row_ids(input_ids, segment_ids)
+        x = self.embed(input_ids)  # [B, T, D]
+        streams = expand_streams(x, self.config.hyper_connections.num_streams)  # [B, T, M, D]
+        hidden: list[torch.Tensor] = [x] if output_hidden_states else []
+        for block in self.blocks:
+            streams = block(streams, engram_row_ids.get(block.layer_id))
+            if output_hidden_states:
+                hidden.append(self.head_collapse(streams))
+        logits = self.lm_head(self.norm(self.head_collapse(streams)))  # [B, T, V]
+        out = ModelOutput(logits=logits, hidden_states=hidden)
+        aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        out.aux_loss = torch.stack(aux).sum() if aux else None
+        if labels is not None:
+            out.lm_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            out.loss = out.lm_loss if out.aux_loss is None else out.lm_loss + out.aux_loss
+        return out
