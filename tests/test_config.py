@@ -72,7 +72,7 @@ def test_field_docs_cover_every_field() -> None:
 
     docs = field_docs(EngramConfig)
     assert set(docs) == {f.name for f in dataclasses.fields(EngramConfig)}
-    assert "signed" in docs["signed_sqrt_gate"]
+    assert "sqrt" in docs["signed_sqrt_gate"]
 
 
 def test_config_reference_is_current() -> None:

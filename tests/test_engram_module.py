@@ -34,14 +34,8 @@ def ref_engram(p: dict[str, torch.Tensor], h: torch.Tensor, row_ids: torch.Tenso
     bsz, seq, g, d = h.shape
     offsets = [sum(head_sizes[:k]) for k in range(len(head_sizes))]
     table = p["table.weight"]
-    # explicit gather from the flat table, concatenated order-major over heads
-    e = torch.stack([
-        torch.stack([
-            torch.cat([table[int(row_ids[b, t, k]) + offsets[k]] for k in range(len(head_sizes))])
-            for t in range(seq)
-        ])
-        for b in range(bsz)
-    ])  # [B, T, d_mem]
+    # explicit gather: head k rows start at offsets[k]; order-major concat -> e [B, T, d_mem]
+    e = torch.cat([table[row_ids[:, :, k] + offsets[k]] for k in range(len(head_sizes))], dim=-1)
     value = e @ p["value_proj.weight"].T + p["value_proj.bias"]  # [B, T, D]
     eps = cfg.norm_eps
     outs, alphas, us = [], [], []

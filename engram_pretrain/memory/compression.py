@@ -77,7 +77,9 @@ def _batched_backend(tokenizer: Any) -> Tokenizer | None:
     """The `tokenizers` backend when batch-decoding it is exactly `tokenizer.decode([id])`, else None."""
     if isinstance(tokenizer, Tokenizer):
         return tokenizer
-    if not type(tokenizer).__module__.startswith("transformers") or not hasattr(tokenizer, "backend_tokenizer"):
+    if not type(tokenizer).__module__.startswith("transformers") or not hasattr(
+        tokenizer, "backend_tokenizer"
+    ):
         return None
     from transformers import PreTrainedTokenizerFast
 

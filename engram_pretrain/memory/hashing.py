@@ -125,7 +125,9 @@ class NgramHasher:
         if heads < 1:
             raise ValueError(f"heads must be >= 1, got {heads}")
         if not 0 <= pad_id < compressed_vocab_size:
-            raise ValueError(f"pad_id {pad_id} outside the compressed vocabulary [0, {compressed_vocab_size})")
+            raise ValueError(
+                f"pad_id {pad_id} outside the compressed vocabulary [0, {compressed_vocab_size})"
+            )
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.max_ngram = int(max_ngram)
@@ -171,7 +173,11 @@ class NgramHasher:
         layer_id: int,
         segment_ids: np.ndarray | torch.Tensor | None = None,
     ) -> np.ndarray | torch.Tensor:
-        """compressed_ids [B, T] -> row ids [B, T, (N-1)*K] int64 (same array type and device)."""
+        """compressed_ids [B, T] -> row ids [B, T, (N-1)*K] int64 (same array type and device).
+
+        Ids are range-checked (ValueError), which synchronises a CUDA input; the model's hot path
+        calls `engram_hash.ngram_hash` on its buffers directly.
+        """
         self._primes_of(layer_id)
         if isinstance(compressed_ids, torch.Tensor):
             return self._hash_torch(compressed_ids, layer_id, segment_ids)

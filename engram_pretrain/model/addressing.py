@@ -42,6 +42,7 @@ class EngramAddresser(nn.Module):
         self.pad_id = addressing.pad_id
         self.compressed_vocab_size = addressing.compressed_vocab_size
         self.compress_ids = addressing.compression_lookup is not None
+        self._head_sizes = {layer: list(addressing.layer_head_sizes[layer]) for layer in self.layers}
         lookup = addressing.compression_lookup if self.compress_ids else []
         self.register_buffer("compression", torch.tensor(lookup, dtype=torch.int64))
         for layer in self.layers:
@@ -52,7 +53,7 @@ class EngramAddresser(nn.Module):
 
     def head_sizes(self, layer: int) -> list[int]:
         """Prime table sizes of one layer (order-major)."""
-        return [int(s) for s in getattr(self, f"head_sizes_{layer}").tolist()]
+        return list(self._head_sizes[layer])
 
     def compress(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Raw ids [B, T] -> compressed ids [B, T] (identity when compression is off)."""

@@ -186,7 +186,7 @@ class MultiHeadLatentAttention(nn.Module):
         q = q.view(b, t, h, dn + dr).transpose(1, 2)  # [B, H, T, dn + dr]
         q_nope, q_rope = q.split((dn, dr), dim=-1)
         c_kv, k_rope = self.wkv_a(x).split((self.kv_lora_rank, dr), dim=-1)  # [B, T, d_c], [B, T, dr]
-        kv = self.wkv_b(c_kv).view(b, t, h, dn + dv).transpose(1, 2)
+        kv = self.wkv_b(self.kv_norm(c_kv)).view(b, t, h, dn + dv).transpose(1, 2)
         k_nope, v = kv.split((dn, dv), dim=-1)  # [B, H, T, dn], [B, H, T, dv]
         q_rope, k_rope = self.rope(q_rope, k_rope.unsqueeze(1), start_pos)  # k_rope: [B, 1, T, dr]
         q = torch.cat((q_nope, q_rope), dim=-1)

@@ -193,7 +193,7 @@ class EngramModule(nn.Module):
         x = torch.cat([self.conv_norms[m](u[..., m, :]) for m in range(g)], dim=-1)  # [B, T, G*D]
         x = F.pad(x.transpose(1, 2), ((self.conv_kernel - 1) * self.conv_dilation, 0))  # [B, G*D, pad+T]
         y = self.conv(x)  # [B, G*D, T]
-        return torch.relu(y).transpose(1, 2).reshape(b, t, g, d)
+        return F.silu(y).transpose(1, 2).reshape(b, t, g, d)
 
     def forward(self, h: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
         """h: [B, T, G, D] branch states, row_ids: [B, T, H] -> Y: [B, T, G, D] (caller adds to h)."""

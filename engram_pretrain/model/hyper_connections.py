@@ -16,8 +16,8 @@ Conventions (BACKBONE.md §1):
   softmax over the last axis of the *comb* logits, and apply `sum_j comb[j, k] x_j`. Applying their
   `comb` without the transpose silently conserves the column (backward) gain instead of the row gain.
   Here no `comb` exists: the res block of the logits is read row-major as `H_res` logits `[k, j]`.
-  (Loading DeepSeek mHC weights would need the res block of `phi`/`bias` transposed per token, i.e.
-  the rows `2M + j*M + k` and `2M + k*M + j` swapped.)
+  (Loading DeepSeek mHC weights would need the res rows of `phi` and `bias` permuted: our row
+  `2M + k*M + j` is their row `2M + j*M + k`.)
 * Logit layout of the fused projection: `[pre (M) | post (M) | res (M*M, row-major [k, j])]`; the
   three gating scalars `alpha` are ordered (pre, post, res).
 * All coefficient maths runs in fp32 (or fp64 when the input or parameters are fp64) with autocast

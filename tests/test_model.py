@@ -1,0 +1,154 @@
+"""The whole model: causality, mHC init equivalence, on-device addressing, ablation switches, training."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from engram_pretrain.memory.addressing import build_addressing, build_hasher
+from engram_pretrain.memory.compression import CompressionMap
+from engram_pretrain.model.config import ModelConfig
+from engram_pretrain.model.hyper_connections import HeadCollapse, HyperConnection
+from engram_pretrain.model.transformer import EngramMoEModel
+
+
+def tiny_config(**engram: object) -> ModelConfig:
+    cfg = ModelConfig(vocab_size=97, hidden_size=32, num_layers=3, max_seq_len=32)
+    cfg.moe.num_routed_experts, cfg.moe.expert_dim, cfg.attention.num_heads = 4, 16, 4
+    cfg.engram.layers = [0, 2]
+    cfg.engram.num_heads = 2
+    cfg.engram.d_mem = 16
+    cfg.engram.base_table_size = [31, 37]
+    for key, value in engram.items():
+        setattr(cfg.engram, key, value)
+    cfg.validate()
+    return cfg
+
+
+def build(cfg: ModelConfig, seed: int = 0, compression: CompressionMap | None = None) -> EngramMoEModel:
+    torch.manual_seed(seed)
+    addressing = build_addressing(cfg, compression) if cfg.engram.layers else None
+    return EngramMoEModel(cfg, addressing)
+
+
+ABLATIONS = {
+    "reference": {},
+    "w/o multi branch": {"multi_branch": False},
+    "w/o token compress": {"token_compression": False},
+    "w/o gating": {"gating": False},
+    "w/o short conv": {"short_conv": False},
+    "+4-gram": {"max_ngram": 4, "d_mem": 24, "base_table_size": [31, 37, 41]},
+    "no conv zero-init": {"conv_zero_init": False},
+}
+
+
+@pytest.mark.parametrize("name", list(ABLATIONS))
+def test_causal_for_every_variant(name: str) -> None:
+    model = build(tiny_config(**ABLATIONS[name])).eval()
+    ids = torch.randint(0, 97, (2, 20))
+    t = 11
+    changed = ids.clone()
+    changed[:, t + 1:] = torch.randint(0, 97, (2, 20 - t - 1))
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    assert torch.equal(a[:, : t + 1], b[:, : t + 1])
+    assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
+
+
+def test_row_ids_match_reference_hasher() -> None:
+    cfg = tiny_config()
+    lookup = np.random.default_rng(0).integers(0, 60, size=97).astype(np.int64)
+    lookup[np.argsort(lookup, kind="stable")] = np.arange(97) % 60  # surjective onto 0..59
+    cmap = CompressionMap(lookup=lookup, compressed_vocab_size=60, vocab_size=97,
+                          tokenizer_fingerprint="test")
+    model = build(cfg, compression=cmap)
+    ids = torch.randint(0, 97, (3, 17))
+    hasher = build_hasher(cfg, 60, int(lookup[cfg.engram.pad_token_id]))
+    got = model.engram_row_ids(ids)
+    for layer in cfg.engram.layers:
+        want = hasher.hash(lookup[ids.numpy()], layer)
+        assert np.array_equal(got[layer].numpy(), want)
+
+
+def test_doc_boundary_reset_switch() -> None:
+    cfg = tiny_config(reset_at_doc_boundary=True)
+    model = build(cfg)
+    ids = torch.randint(3, 97, (1, 12))
+    ids[0, 5] = 1  # EOD
+    seg = (ids == 1).long().cumsum(-1) - (ids == 1).long()
+    with_reset = model.engram_row_ids(ids, seg)
+    second_doc = model.engram_row_ids(ids[:, 6:])
+    for layer in cfg.engram.layers:
+        assert torch.equal(with_reset[layer][:, 6:], second_doc[layer])
+
+
+def _zero_dynamic_hc(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, HyperConnection | HeadCollapse) and hasattr(module, "phi"):
+            with torch.no_grad():
+                module.phi.zero_()
+
+
+@pytest.mark.parametrize("with_engram", [False, True])
+def test_mhc_at_init_equals_plain_residual_network(with_engram: bool) -> None:
+    cfg4 = tiny_config(norm_eps=1e-12) if with_engram else tiny_config(layers=[])
+    cfg4.norm_eps = 1e-12  # the norms' eps would otherwise see the x2 scale of the stream sum
+    cfg1 = copy.deepcopy(cfg4)
+    cfg1.hyper_connections.num_streams = 1
+    m4, m1 = build(cfg4).double().eval(), build(cfg1).double().eval()
+    _zero_dynamic_hc(m4)
+    state1 = m1.state_dict()
+    for name, tensor in m4.state_dict().items():  # copy every shared weight; replicate per-branch ones
+        src = name.replace("key_projs.1.", "key_projs.0.").replace("key_projs.2.", "key_projs.0.")
+        src = src.replace("key_projs.3.", "key_projs.0.")
+        for k in ("key_norms", "query_norms", "conv_norms"):
+            for m in (1, 2, 3):
+                src = src.replace(f"{k}.{m}.", f"{k}.0.")
+        if src in state1 and state1[src].shape == tensor.shape:
+            tensor.copy_(state1[src])
+        elif name.endswith("conv.weight"):
+            tensor.copy_(state1[src].repeat(4, 1, 1))
+    ids = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        a, b = m4(ids).logits, m1(ids).logits
+    assert torch.allclose(a, b, atol=1e-5, rtol=0), (a - b).abs().max()
+
+
+def test_loss_decreases_on_repeated_batch() -> None:
+    cfg = tiny_config()
+    cfg.moe.seq_aux_loss_coef = 1e-3
+    model = build(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.randint(0, 97, (4, 17))
+    losses = []
+    for _ in range(40):
+        out = model(ids[:, :-1], labels=ids[:, 1:])
+        assert out.aux_loss is not None and out.loss is not None
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        model.update_moe_biases()
+        losses.append(out.lm_loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    bias = torch.stack([m.router.expert_bias for m in model.moe_layers()])
+    assert bias.abs().max() > 0  # the loss-free bias moved
+
+
+def test_hidden_states_and_engram_tables_get_gradients() -> None:
+    model = build(tiny_config())
+    ids = torch.randint(0, 97, (2, 9))
+    out = model(ids[:, :-1], labels=ids[:, 1:], output_hidden_states=True)
+    assert len(out.hidden_states) == 1 + model.config.num_layers
+    out.loss.backward()
+    for block in model.blocks:
+        if block.engram is not None:
+            grad = block.engram.table.weight.grad
+            assert grad is not None and 0 < int((grad.abs().sum(-1) > 0).sum()) <= 2 * 8 * 4
+
+
+def test_engram_layers_need_addressing() -> None:
+    with pytest.raises(ValueError, match="EngramAddressing"):
+        EngramMoEModel(tiny_config())
