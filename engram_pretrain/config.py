@@ -31,7 +31,7 @@ class DataConfig:
     """Training data: Megatron-format indexed datasets (`.bin` + `.idx`) written by `data_prep`."""
 
     paths: list[str] = field(default_factory=list)
-    """Dataset prefixes (path without `.bin`/`.idx`) or dataset directories with `metadata.json`."""
+    """Dataset directories written by `data_prep` (each with `metadata.json` and its shards)."""
     weights: list[float] | None = None
     """Blending weights, one per path; None weights every dataset equally."""
     tokenizer: str | None = None
