@@ -4,7 +4,8 @@ Both take `x: [B, T, D]` (already normalised by the block's RMSNorm) and return 
 mask and RoPE. `forward(x, start_pos=0, cache=None)`: `start_pos` is the absolute position of `x[:, 0]`
 (RoPE offset for incremental decoding); `cache`, if given, is a per-layer `KVCache` that receives the new
 keys/values (after RoPE) and returns all keys/values so far. The caller keeps `start_pos` equal to the
-number of tokens already in the cache.
+number of tokens already in the cache. `key_mask` ([B, cached + T] bool, False at padding) hides padding
+keys (left-padded batches); RoPE is relative, so a left-padded row equals the unpadded one.
 
 RoPE layout ("rotate half", as in GPT-NeoX / HF Llama): frequency i (0 <= i < d/2) rotates the pair
 (x[i], x[i + d/2]) by the angle pos * theta^(-2i/d). DeepSeek's released code rotates adjacent pairs
@@ -91,18 +92,24 @@ def _linear(d_in: int, d_out: int, init_std: float) -> nn.Linear:
 
 
 def _causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, enable_gqa: bool = False
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, enable_gqa: bool = False,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SDPA with a causal mask aligned to the end of k (the last query sees every key).
 
     q: [B, H, Tq, dk], k: [B, Hk, Tk, dk], v: [B, Hk, Tk, dv] with Tk >= Tq -> [B, H, Tq, dv].
+    key_mask: optional [B, Tk] bool, False at padding keys; a query always sees its own key, so padding
+    queries stay finite (their outputs are meaningless but reach no real token).
     """
     tq, tk = q.shape[-2], k.shape[-2]
     assert tk >= tq, "keys must include the queries' own positions"
-    if tq == tk:
+    if tq == tk and key_mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
     qpos = torch.arange(tq, device=q.device) + (tk - tq)
-    mask = torch.arange(tk, device=q.device)[None, :] <= qpos[:, None]  # [Tq, Tk], True = attend
+    kpos = torch.arange(tk, device=q.device)[None, :]
+    mask = kpos <= qpos[:, None]  # [Tq, Tk], True = attend
+    if key_mask is not None:
+        mask = mask & (key_mask[:, None, None, :] | (kpos == qpos[:, None]))  # [B, 1, Tq, Tk]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
 
 
@@ -124,8 +131,9 @@ class GroupedQueryAttention(nn.Module):
         self.wo = _linear(self.num_heads * self.head_dim, hidden_size, init_std)
         self.rope = RotaryEmbedding(self.head_dim, max_seq_len, cfg.rope_theta)
 
-    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
-        """x: [B, T, D] -> [B, T, D]."""
+    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, D] -> [B, T, D]; key_mask: [B, cached + T] bool, False at padding."""
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
         k = self.wk(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hk, T, hd]
@@ -134,7 +142,7 @@ class GroupedQueryAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)
         o = _causal_attention(q, k, v, 1.0 / math.sqrt(self.head_dim),
-                              enable_gqa=self.num_kv_heads != self.num_heads)
+                              enable_gqa=self.num_kv_heads != self.num_heads, key_mask=key_mask)
         return self.wo(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -178,8 +186,9 @@ class MultiHeadLatentAttention(nn.Module):
         self.rope = RotaryEmbedding(self.rope_head_dim, max_seq_len, cfg.rope_theta)
         self.scale = 1.0 / math.sqrt(qk_dim)
 
-    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
-        """x: [B, T, D] -> [B, T, D]."""
+    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, D] -> [B, T, D]; key_mask: [B, cached + T] bool, False at padding."""
         b, t, _ = x.shape
         h, dn, dr, dv = self.num_heads, self.head_dim, self.rope_head_dim, self.v_head_dim
         q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
@@ -193,7 +202,7 @@ class MultiHeadLatentAttention(nn.Module):
         k = torch.cat((k_nope, k_rope.expand(b, h, t, dr)), dim=-1)  # [B, H, T, dn + dr]
         if cache is not None:
             k, v = cache.update(k, v)
-        o = _causal_attention(q, k, v, self.scale)  # [B, H, T, dv]
+        o = _causal_attention(q, k, v, self.scale, key_mask=key_mask)  # [B, H, T, dv]
         return self.wo(o.transpose(1, 2).reshape(b, t, h * dv))
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import ShortConvState
 from .config import EngramConfig
 
 GATE_ABS_MIN = 1e-6
@@ -187,16 +188,32 @@ class EngramModule(nn.Module):
             s = torch.sign(s) * torch.sqrt(s.abs().clamp_min(GATE_ABS_MIN))
         return torch.sigmoid(s)
 
-    def _short_conv(self, u: torch.Tensor) -> torch.Tensor:
-        """u: [B, T, G, D] -> SiLU(causal dilated depthwise conv of per-branch RMSNorm(u)) [B, T, G, D]."""
+    def _short_conv(self, u: torch.Tensor, conv_state: ShortConvState | None = None,
+                    token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """u: [B, T, G, D] -> SiLU(causal dilated depthwise conv of per-branch RMSNorm(u)) [B, T, G, D].
+
+        Without `conv_state` the conv reads zeros before the sequence start; with it, the inputs of the
+        earlier decoding calls (and the state keeps the latest ones). `token_mask` [B, T] (False at
+        padding) zeroes the padding positions' inputs, as if the sequence started after them.
+        """
         b, t, g, d = u.shape
         x = torch.cat([self.conv_norms[m](u[..., m, :]) for m in range(g)], dim=-1)  # [B, T, G*D]
-        x = F.pad(x.transpose(1, 2), ((self.conv_kernel - 1) * self.conv_dilation, 0))  # [B, G*D, pad+T]
+        if token_mask is not None:
+            x = x * token_mask.unsqueeze(-1).to(x.dtype)
+        width = (self.conv_kernel - 1) * self.conv_dilation
+        if conv_state is None:
+            x = F.pad(x.transpose(1, 2), (width, 0))  # [B, G*D, width+T]
+        else:
+            x = conv_state.extend(x, width).transpose(1, 2)
         y = self.conv(x)  # [B, G*D, T]
         return F.silu(y).transpose(1, 2).reshape(b, t, g, d)
 
-    def forward(self, h: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
-        """h: [B, T, G, D] branch states, row_ids: [B, T, H] -> Y: [B, T, G, D] (caller adds to h)."""
+    def forward(self, h: torch.Tensor, row_ids: torch.Tensor, conv_state: ShortConvState | None = None,
+                token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """h: [B, T, G, D] branch states, row_ids: [B, T, H] -> Y: [B, T, G, D] (caller adds to h).
+
+        conv_state: short-conv history for incremental decoding; token_mask: [B, T] bool, False at padding.
+        """
         if h.dim() != 4 or h.shape[2] != self.num_branches or h.shape[3] != self.hidden_size:
             raise ValueError(f"engram layer {self.layer_id}: h must be [B, T, {self.num_branches}, "
                              f"{self.hidden_size}], got {tuple(h.shape)}")
@@ -208,7 +225,7 @@ class EngramModule(nn.Module):
         alpha = self.gates(h, e)  # [B, T, G]
         self.last_gate_mean = alpha.detach().mean(dim=(0, 1))
         u = alpha.unsqueeze(-1) * value  # [B, T, G, D]
-        return u + self._short_conv(u) if self.short_conv else u
+        return u + self._short_conv(u, conv_state, token_mask) if self.short_conv else u
 
     def extra_repr(self) -> str:
         return (f"layer_id={self.layer_id}, hidden={self.hidden_size}, branches={self.num_branches}, "

@@ -14,6 +14,7 @@ from torch import nn
 
 from .addressing import EngramAddresser, EngramAddressing
 from .attention import build_attention
+from .cache import DecodeCache
 from .config import ModelConfig
 from .engram import EngramModule, TableFactory, local_table_factory
 from .hyper_connections import HeadCollapse, HyperConnection, expand_streams
@@ -57,16 +58,27 @@ class Block(nn.Module):
                                else SwiGLU(dim, cfg.dense_ffn_dim, cfg.init_std))
         self.ffn_hc = HyperConnection(dim, hc, layer_index=2 * layer_id + 1)
 
-    def forward(self, streams: torch.Tensor, row_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """streams: [B, T, M, D]; row_ids: [B, T, H] Engram row ids of this layer."""
+    def forward(self, streams: torch.Tensor, row_ids: torch.Tensor | None = None,
+                cache: DecodeCache | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """streams: [B, T, M, D]; row_ids: [B, T, H] Engram row ids of this layer.
+
+        cache: decoding state (this block reads and extends its own parts; positions start at
+        cache.seq_len); key_mask: [B, cached + T] bool, False at padding tokens.
+        """
+        t = streams.shape[1]
+        start_pos = cache.seq_len if cache is not None else 0
+        kv = cache.attention[self.layer_id] if cache is not None else None
+        token_mask = key_mask[:, -t:] if key_mask is not None else None  # [B, T]
         if self.engram is not None:
             assert row_ids is not None, f"layer {self.layer_id} has Engram but got no row ids"
+            engram = self.engram
+            conv = cache.short_conv[self.layer_id] if cache is not None else None
             if self.engram_hc is None:
-                streams = streams + self.engram(streams, row_ids)
+                streams = streams + engram(streams, row_ids, conv, token_mask)
             else:
-                engram = self.engram
-                streams = self.engram_hc(streams, lambda u: engram(u.unsqueeze(2), row_ids).squeeze(2))
-        streams = self.attn_hc(streams, lambda u: self.attn(self.attn_norm(u)))
+                streams = self.engram_hc(
+                    streams, lambda u: engram(u.unsqueeze(2), row_ids, conv, token_mask).squeeze(2))
+        streams = self.attn_hc(streams, lambda u: self.attn(self.attn_norm(u), start_pos, kv, key_mask))
         return self.ffn_hc(streams, lambda u: self.ffn(self.ffn_norm(u)))
 
 
@@ -120,6 +132,19 @@ class EngramMoEModel(nn.Module):
             segment_ids = None
         return self.addresser(input_ids, segment_ids)
 
+    def new_cache(self) -> DecodeCache:
+        """Empty decoding state for `forward(..., cache=...)` (one per batch of sequences)."""
+        cfg = self.config
+        return DecodeCache(cfg.num_layers, list(cfg.engram.layers), cfg.engram.max_ngram - 1)
+
+    def _row_ids(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None,
+                 cache: DecodeCache | None) -> dict[int, torch.Tensor]:
+        """Row ids of the new tokens [B, T]; with a cache, hashed with the kept raw ids prepended."""
+        if cache is None or self.addresser is None:
+            return self.engram_row_ids(input_ids, segment_ids)
+        ids, segments, h = cache.with_history(input_ids, segment_ids)
+        return {layer: rows[:, h:] for layer, rows in self.engram_row_ids(ids, segments).items()}
+
     def moe_layers(self) -> list[MoE]:
         """The MoE modules in block order."""
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
@@ -137,17 +162,40 @@ class EngramMoEModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 engram_row_ids: dict[int, torch.Tensor] | None = None,
                 segment_ids: torch.Tensor | None = None,
-                output_hidden_states: bool = False) -> ModelOutput:
-        """input_ids: [B, T] raw ids; labels: [B, T] next-token targets (-100 ignored)."""
+                output_hidden_states: bool = False, cache: DecodeCache | None = None,
+                attention_mask: torch.Tensor | None = None) -> ModelOutput:
+        """input_ids: [B, T] raw ids; labels: [B, T] next-token targets (-100 ignored).
+
+        cache: incremental decoding state from `new_cache()`; the new tokens take positions
+        [cache.seq_len, cache.seq_len + T), their n-grams and short convs see the cached tokens, and the
+        cache is advanced. attention_mask: [B, T] (1 = token, 0 = padding) of the new tokens; padding
+        is invisible to the other tokens (it reads as `engram.pad_token_id` for hashing and as zeros for
+        the short conv), so a left-padded row gives the logits of the unpadded one.
+        """
+        t = input_ids.shape[1]
+        if not self.config.engram.reset_at_doc_boundary:
+            segment_ids = None
+        token_mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids "
+                                 f"{tuple(input_ids.shape)} (the new tokens only)")
+            token_mask = attention_mask.bool()
+        key_mask = cache.full_key_mask(token_mask, t) if cache is not None else token_mask
+        hash_ids = input_ids
+        if token_mask is not None:
+            hash_ids = input_ids.masked_fill(~token_mask, self.config.engram.pad_token_id)
         if engram_row_ids is None:
-            engram_row_ids = self.engram_row_ids(input_ids, segment_ids)
+            engram_row_ids = self._row_ids(hash_ids, segment_ids, cache)
         x = self.embed(input_ids)  # [B, T, D]
         streams = expand_streams(x, self.config.hyper_connections.num_streams)  # [B, T, M, D]
         hidden: list[torch.Tensor] = [x] if output_hidden_states else []
         for block in self.blocks:
-            streams = block(streams, engram_row_ids.get(block.layer_id))
+            streams = block(streams, engram_row_ids.get(block.layer_id), cache, key_mask)
             if output_hidden_states:
                 hidden.append(self.head_collapse(streams))
+        if cache is not None:
+            cache.advance(hash_ids, segment_ids, key_mask)
         logits = self.lm_head(self.norm(self.head_collapse(streams)))  # [B, T, V]
         out = ModelOutput(logits=logits, hidden_states=hidden)
         aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]

@@ -1,0 +1,208 @@
+"""`transformers` wrapper of `EngramMoEModel` (shipped as remote code with the torch-only model files).
+
+`EngramMoEForCausalLM` is a `PreTrainedModel` + `GenerationMixin` holding our model as `self.model`, so
+the weights of an export are our state-dict names prefixed with `model.`. Generation uses our own
+decoding state (`EngramMoECache`, a `DecodeCache`): attention KV, the Engram short-conv input history
+and the last `max_ngram - 1` token ids, passed through `past_key_values`. The cache cannot be cropped,
+so assisted / speculative decoding is refused (`_is_stateful`); greedy, sampling and beam search work.
+
+Padding: a 2-D `attention_mask` (left padding, as `generate` and lm-evaluation-harness build it) is
+honoured; padded positions are invisible to real tokens. `position_ids` are ignored (RoPE is relative,
+positions count from the first column). `inputs_embeds` is unsupported: Engram hashes token ids.
+
+In the exported folder the `..model.` imports below read `.` (the exporter rewrites them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..model.addressing import EngramAddressing
+from ..model.attention import RotaryEmbedding
+from ..model.cache import DecodeCache
+from ..model.config import AttentionConfig, EngramConfig, HyperConnectionConfig, ModelConfig, MoEConfig
+from ..model.engram import EngramModule
+from ..model.moe import MoE
+from ..model.transformer import EngramMoEModel
+from .hf_config import EngramMoEConfig
+
+_SUBCONFIGS = {"attention": AttentionConfig, "moe": MoEConfig, "hyper_connections": HyperConnectionConfig,
+               "engram": EngramConfig}
+
+
+def model_config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """Plain nested dict of a ModelConfig (JSON-ready)."""
+    return asdict(cfg)
+
+
+def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    """Inverse of `model_config_to_dict`; unknown keys raise ValueError naming them."""
+    data = dict(data)
+    parts: dict[str, Any] = {}
+    for key, cls in _SUBCONFIGS.items():
+        sub = dict(data.pop(key, None) or {})
+        known = set(cls.__dataclass_fields__)
+        if unknown := sorted(set(sub) - known):
+            raise ValueError(f"model_config.{key}: unknown keys {unknown}")
+        parts[key] = cls(**sub)
+    if unknown := sorted(set(data) - set(ModelConfig.__dataclass_fields__)):
+        raise ValueError(f"model_config: unknown keys {unknown}")
+    cfg = ModelConfig(**data, **parts)
+    cfg.validate()
+    return cfg
+
+
+def addressing_to_dict(addressing: EngramAddressing) -> dict[str, Any]:
+    """Hash parameters of an EngramAddressing without the compression lookup (JSON keys are strings)."""
+    return {
+        "layer_multipliers": {str(k): [int(m) for m in v] for k, v in addressing.layer_multipliers.items()},
+        "layer_head_sizes": {str(k): [int(s) for s in v] for k, v in addressing.layer_head_sizes.items()},
+        "compressed_vocab_size": int(addressing.compressed_vocab_size),
+        "pad_id": int(addressing.pad_id),
+        "token_compression": addressing.compression_lookup is not None,
+    }
+
+
+def addressing_from_dict(data: dict[str, Any], compression_lookup: list[int] | None) -> EngramAddressing:
+    """EngramAddressing from `addressing_to_dict` output plus the lookup (None when compression is off)."""
+    if bool(data["token_compression"]) != (compression_lookup is not None):
+        raise ValueError(f"engram_addressing.token_compression={data['token_compression']} but a compression "
+                         f"lookup was {'not ' if compression_lookup is None else ''}given")
+    return EngramAddressing(
+        layer_multipliers={int(k): [int(m) for m in v] for k, v in data["layer_multipliers"].items()},
+        layer_head_sizes={int(k): [int(s) for s in v] for k, v in data["layer_head_sizes"].items()},
+        compression_lookup=compression_lookup,
+        compressed_vocab_size=int(data["compressed_vocab_size"]),
+        pad_id=int(data["pad_id"]),
+    )
+
+
+class EngramMoECache(DecodeCache):
+    """`DecodeCache` with the few members `generate()` reads from a `past_key_values` object."""
+
+    is_compileable = False
+    is_croppable = False
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        del layer_idx
+        return self.seq_len
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        self.reorder(beam_idx)
+
+
+class EngramMoEPreTrainedModel(PreTrainedModel):
+    config_class = EngramMoEConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["Block"]
+    _is_stateful = True  # the decoding state cannot be rolled back (no assisted generation)
+    supports_gradient_checkpointing = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Recompute the non-persistent buffers; every parameter comes from the checkpoint (or __init__)."""
+        if isinstance(module, RotaryEmbedding):
+            cos, sin = module._table(module.cos.device)
+            module.cos, module.sin = cos, sin
+        elif isinstance(module, EngramModule):
+            sizes = torch.tensor([0] + module.head_sizes[:-1], dtype=torch.int64)
+            module.head_offsets = sizes.cumsum(0).to(module.head_offsets.device)
+        elif isinstance(module, MoE):
+            module.load_accum = torch.zeros(module.num_experts, dtype=torch.float32,
+                                            device=module.load_accum.device)
+
+
+class EngramMoEForCausalLM(EngramMoEPreTrainedModel, GenerationMixin):
+    """Causal LM head model: `forward(input_ids, attention_mask, past_key_values, use_cache, labels)`."""
+
+    _tied_weights_keys = {"model.lm_head.weight": "model.embed.weight"}
+
+    def __init__(self, config: EngramMoEConfig) -> None:
+        super().__init__(config)
+        cfg = model_config_from_dict(config.model_config)
+        addressing = None
+        if cfg.engram.layers:
+            if config.engram_addressing is None:
+                raise ValueError("config.json: model_config.engram.layers is set but engram_addressing "
+                                 "is missing")
+            lookup = [0] * cfg.vocab_size if config.engram_addressing["token_compression"] else None
+            addressing = addressing_from_dict(config.engram_addressing, lookup)  # lookup: loaded weights
+        self.model = EngramMoEModel(cfg, addressing)
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate() must not build a DynamicCache: forward creates an EngramMoECache
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.embed = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.model.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.model.lm_head = value
+
+    def new_cache(self) -> EngramMoECache:
+        """Empty decoding state (what `forward(use_cache=True)` creates when none is passed)."""
+        cfg = self.model.config
+        return EngramMoECache(cfg.num_layers, list(cfg.engram.layers), cfg.engram.max_ngram - 1)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: EngramMoECache | None = None,
+        use_cache: bool | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast | tuple:
+        """input_ids: [B, T] new tokens; attention_mask: [B, cached + T] (or [B, T]), 1 = token, 0 = padding.
+
+        labels: [B, T] as in `transformers` (shifted inside; -100 ignored). Returns logits [B, T, V] and,
+        with `use_cache`, the updated cache as `past_key_values`.
+        """
+        del kwargs  # position_ids etc.: positions follow the cache (RoPE is relative)
+        if inputs_embeds is not None or input_ids is None:
+            raise ValueError("EngramMoEForCausalLM needs input_ids (Engram hashes token ids); "
+                             "inputs_embeds is not supported")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        cache = past_key_values
+        if cache is not None and not isinstance(cache, DecodeCache):
+            raise ValueError(f"past_key_values must be an EngramMoECache (from a previous call or "
+                             f"model.new_cache()), got {type(cache).__name__}")
+        if cache is None and use_cache:
+            cache = self.new_cache()
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError(f"attention_mask must be 2-D [B, T], got {tuple(attention_mask.shape)}")
+            mask = attention_mask[:, -input_ids.shape[1]:]
+            if (cache is None or cache.key_mask is None) and bool(mask.all()):
+                mask = None  # no padding so far: keep the unmasked fast path
+        want_hidden = bool(output_hidden_states if output_hidden_states is not None
+                           else self.config.output_hidden_states)
+        out = self.model(input_ids, cache=cache, attention_mask=mask, output_hidden_states=want_hidden)
+        loss = None
+        if labels is not None:
+            shift_logits = out.logits[:, :-1].float().flatten(0, 1)  # [B*(T-1), V]
+            loss = F.cross_entropy(shift_logits, labels[:, 1:].flatten().to(out.logits.device),
+                                   ignore_index=-100)
+        hidden = tuple(out.hidden_states) if want_hidden else None
+        result = CausalLMOutputWithPast(loss=loss, logits=out.logits,
+                                        past_key_values=cache if use_cache else None, hidden_states=hidden)
+        use_dict = self.config.return_dict if return_dict is None else return_dict
+        return result if use_dict else result.to_tuple()
