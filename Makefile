@@ -18,6 +18,25 @@ setup: $(VENV)/.installed  ## create .venv and install everything (CPU torch pin
 demo: setup  ## run the main job end to end on the bundled default
 	$(PY) -m engram_pretrain.demo
 
+# Training on this machine: NPROC processes (torchrun via launchers/local.sh; CPU: gloo + DeepSpeed's CPU
+# accelerator). ARGS: dotted overrides and --resume auto|PATH|none, e.g. ARGS="train.steps=50 --resume none".
+CONFIG ?= configs/tiny.yaml
+NPROC ?= 2
+ARGS ?=
+.PHONY: train
+train: setup  ## train CONFIG on NPROC local processes (resumes from the latest checkpoint by default)
+	launchers/local.sh --nproc $(NPROC) train $(CONFIG) $(ARGS)
+
+# SLURM (docs/slurm.md): render the sbatch script of CONFIG into its run directory and submit it. NODES and
+# GPUS (per node; 0 = CPU nodes with gloo) default to the config's launcher section; ARGS: dotted overrides;
+# SUBMIT_ARGS: --partition --account --time --qos --constraint --dependency --array --dry-run ...
+NODES ?=
+GPUS ?=
+SUBMIT_ARGS ?=
+.PHONY: submit
+submit: setup  ## submit CONFIG to SLURM: make submit CONFIG=configs/moe-3b.yaml NODES=4 GPUS=8 SUBMIT_ARGS="--time 4:00:00"
+	$(CLI) submit $(if $(NODES),--nodes $(NODES)) $(if $(GPUS),--gpus-per-node $(GPUS)) $(SUBMIT_ARGS) $(CONFIG) $(ARGS)
+
 test: setup  ## what CI runs
 	$(PY) -m ruff check engram_pretrain tests benchmarks
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -30,6 +49,21 @@ docs: setup  ## regenerate docs/config_reference.md from the dataclass docstring
 
 params: setup  ## parameter counts of every preset
 	@for p in configs/*.yaml; do $(CLI) params $$p; done
+
+# Data preparation (python -m data_prep --help). CORPUS: input specs (files, dirs, quoted globs, hf:NAME,
+# `default` = KJV Bible + Python stdlib); TOKENIZER: bpe | deepseek-v4 | tokenizer/dataset dir | hub name.
+CORPUS ?= default
+TOKENIZER ?= bpe
+VOCAB ?= 4096
+OUT ?= data/default
+DATA_ARGS ?=
+.PHONY: data tokenizer
+
+data: setup  ## tokenize + shard CORPUS into OUT (default corpus, BPE vocab 4096 -> data/default)
+	$(PY) -m data_prep build $(CORPUS) --out $(OUT) --tokenizer $(TOKENIZER) --vocab-size $(VOCAB) $(DATA_ARGS)
+
+tokenizer: setup  ## train (bpe) or install TOKENIZER into OUT/tokenizer with its Engram compression map
+	$(PY) -m data_prep tokenizer $(CORPUS) --out $(OUT) --tokenizer $(TOKENIZER) --vocab-size $(VOCAB)
 
 lint: setup
 	$(PY) -m ruff check .

@@ -65,6 +65,14 @@ def cmd_show_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.loop import run_training
+
+    cfg = load(args.config, args.overrides)
+    resume = cfg.checkpoint.resume if args.resume is None else args.resume
+    return run_training(cfg, resume=resume)
+
+
 def cmd_config_docs(args: argparse.Namespace) -> int:
     from .config_docs import render_reference
 
@@ -78,6 +86,8 @@ def cmd_config_docs(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engram-pretrain", description=__doc__)
+    # The deepspeed launcher passes --local_rank=N right after the module name (LOCAL_RANK is also set).
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -89,9 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("params", "count total / activated / Engram parameters on the meta device").set_defaults(
         func=cmd_params)
     with_config("show-config", "print the resolved config as YAML").set_defaults(func=cmd_show_config)
+    p = with_config("train", "train (one process per rank: run under torchrun / deepspeed, or alone)")
+    p.add_argument("--resume", default=None, help="auto (latest complete checkpoint, if any) | PATH | none; "
+                   "default: checkpoint.resume")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_train)
     p = sub.add_parser("config-docs", help="render the config reference Markdown")
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_config_docs)
+    from .launch.commands import add_commands
+
+    add_commands(sub)  # launch (one machine), submit (SLURM)
     return parser
 
 

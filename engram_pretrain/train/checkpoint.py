@@ -1,0 +1,275 @@
+"""Atomic training checkpoints: DeepSpeed engine state plus everything DeepSpeed does not know about.
+
+Layout of one checkpoint (`<ckpt_dir>/step_<N>/`):
+
+    ds/                      DeepSpeed `engine.save_checkpoint(tag="ds")`: module weights and buffers (MoE
+                             router biases included), ZeRO optimizer partitions (one file per rank)
+    tables.pt                Engram table weights {layer: [rows, dim]} (replicated: written by rank 0)
+    table_optim.pt           RowSparseAdam state of the tables (replicated: rank 0)
+    buffers.pt               MoE router biases [E] per MoE layer (also inside ds/; restored from here too)
+    rng/rank_<r>.pt          python / numpy / torch (/ CUDA) RNG states of every rank
+    trainer.json             step, data-loader position, counters, world size, ZeRO stage
+    config.yaml              the resolved run config
+    complete                 marker, written last inside the directory
+
+Protocol: every rank writes into `step_<N>.tmp/`; after a barrier rank 0 writes `complete`, renames the
+directory to `step_<N>/`, then replaces the `latest` pointer file (temp file + `os.replace`), then prunes
+old checkpoints beyond `keep_last`. A save killed at any point leaves at most a `*.tmp` directory, which
+resume ignores (and the next save removes); the previous checkpoints are untouched until the new one is
+complete. The checkpoint directory must be shared by all ranks (one filesystem).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import RunConfig, dump_config
+
+if TYPE_CHECKING:
+    from .engine import TrainComponents
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "step_"
+TMP_SUFFIX = ".tmp"
+COMPLETE = "complete"
+LATEST = "latest"
+DS_TAG = "ds"
+FORMAT = 1
+
+
+def step_dir_name(step: int) -> str:
+    return f"{PREFIX}{step}"
+
+
+def _step_of(path: Path) -> int | None:
+    name = path.name
+    if not name.startswith(PREFIX) or name.endswith(TMP_SUFFIX):
+        return None
+    try:
+        return int(name[len(PREFIX):])
+    except ValueError:
+        return None
+
+
+def is_complete(path: Path) -> bool:
+    """A finished checkpoint: a `step_<N>` directory (not `.tmp`) holding the `complete` marker."""
+    return path.is_dir() and _step_of(path) is not None and (path / COMPLETE).is_file()
+
+
+def complete_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint, oldest first."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    found = [(_step_of(p), p) for p in root.iterdir() if is_complete(p)]
+    return sorted((s, p) for s, p in found if s is not None)
+
+
+def find_latest(ckpt_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint, or None.
+
+    The `latest` pointer is read first; a checkpoint newer than it can only be one whose rename finished
+    but whose pointer update did not (it is complete: the marker is written before the rename), so the
+    newest complete directory wins. Incomplete and `*.tmp` directories are never chosen.
+    """
+    complete = complete_checkpoints(ckpt_dir)
+    pointer = Path(ckpt_dir) / LATEST
+    named = None
+    if pointer.is_file():
+        candidate = Path(ckpt_dir) / pointer.read_text().strip()
+        named = candidate if is_complete(candidate) else None
+        if named is None:
+            logger.warning("%s names %s, which is not a complete checkpoint; ignoring it", pointer, candidate)
+    if not complete:
+        return named
+    newest = complete[-1][1]
+    return newest if named is None or _step_of(newest) >= (_step_of(named) or 0) else named
+
+
+def resolve_resume(resume: str | None, ckpt_dir: str | Path) -> Path | None:
+    """`--resume` semantics: None / "none" start fresh; "auto" takes the latest complete checkpoint if any;
+    anything else is a checkpoint path (a `step_<N>` directory, or a checkpoint dir whose latest is taken)."""
+    if resume is None or resume.lower() == "none":
+        return None
+    if resume == "auto":
+        return find_latest(ckpt_dir)
+    path = Path(resume)
+    if is_complete(path):
+        return path
+    if path.is_dir():
+        latest = find_latest(path)
+        if latest is not None:
+            return latest
+    raise ValueError(f"--resume {resume}: not a complete checkpoint (a step_<N> directory with a "
+                     f"'{COMPLETE}' marker) nor a checkpoint directory containing one")
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class SaveReport:
+    """What a save produced."""
+
+    path: Path
+    step: int
+    seconds: float
+    num_bytes: int
+
+
+class Checkpointer:
+    """Saves and loads checkpoints of one run in `ckpt_dir`, keeping the newest `keep_last`."""
+
+    def __init__(self, ckpt_dir: str | Path, keep_last: int, rank: int, world_size: int) -> None:
+        if keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last must be >= 1, got {keep_last}")
+        self.dir = Path(ckpt_dir)
+        self.keep_last = keep_last
+        self.rank = rank
+        self.world_size = world_size
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, c: TrainComponents, step: int, trainer_state: dict[str, Any]) -> SaveReport:
+        """Collective: every rank calls it at the same step. Returns the report (size measured on rank 0)."""
+        start = time.perf_counter()
+        final = self.dir / step_dir_name(step)
+        tmp = self.dir / (step_dir_name(step) + TMP_SUFFIX)
+        if self.rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            (tmp / "rng").mkdir()
+        _barrier()
+        c.engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={}, save_latest=False)
+        torch.save(rng_state(), tmp / "rng" / f"rank_{self.rank:05d}.pt")
+        if self.rank == 0:
+            self._save_rank0_state(c, tmp, step, trainer_state)
+        _barrier()
+        num_bytes = 0
+        if self.rank == 0:
+            _write_atomic(tmp / COMPLETE, json.dumps({"step": step, "time": time.time()}) + "\n")
+            if final.exists():  # a re-save of the same step (e.g. after a resume): replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_atomic(self.dir / LATEST, final.name + "\n")
+            self.prune()
+            num_bytes = _dir_bytes(final)
+        _barrier()
+        return SaveReport(final, step, time.perf_counter() - start, num_bytes)
+
+    def _save_rank0_state(self, c: TrainComponents, tmp: Path, step: int,
+                          trainer_state: dict[str, Any]) -> None:
+        tables = {layer: c.tables.weight(layer).detach().cpu() for layer in c.tables.layers()}
+        torch.save(tables, tmp / "tables.pt")
+        if c.table_optimizer is not None:
+            torch.save(c.table_optimizer.state_dict(), tmp / "table_optim.pt")
+        biases = [m.router.expert_bias.detach().cpu().clone() for m in c.model.moe_layers()]
+        torch.save({"moe_expert_bias": biases}, tmp / "buffers.pt")
+        state = {"format": FORMAT, "step": step, "world_size": self.world_size, "zero_stage": c.zero_stage,
+                 **trainer_state}
+        (tmp / "trainer.json").write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
+        dump_config(c.cfg, tmp / "config.yaml")
+
+    def prune(self) -> None:
+        """Rank 0: delete complete checkpoints older than the newest `keep_last`, and stale `*.tmp` dirs."""
+        complete = complete_checkpoints(self.dir)
+        for _, path in complete[:-self.keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+        for path in self.dir.glob(f"{PREFIX}*{TMP_SUFFIX}"):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+
+    # ------------------------------------------------------------------ load
+
+    def load(self, c: TrainComponents, path: str | Path) -> dict[str, Any]:
+        """Restore engine, tables, table optimizer, MoE biases and RNG from `path`; return trainer.json."""
+        path = Path(path)
+        if not is_complete(path):
+            raise ValueError(f"{path} is not a complete checkpoint (no '{COMPLETE}' marker)")
+        state = json.loads((path / "trainer.json").read_text())
+        if state.get("format") != FORMAT:
+            raise ValueError(f"{path}/trainer.json has format {state.get('format')!r}, expected {FORMAT}")
+        if state["world_size"] != self.world_size and c.zero_stage > 0:
+            raise ValueError(f"{path} was written by {state['world_size']} ranks with ZeRO stage "
+                             f"{state['zero_stage']}; resuming on {self.world_size} ranks is not supported "
+                             "yet (relaunch with the original world size)")
+        load_path, _ = c.engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
+                                                load_lr_scheduler_states=False, load_module_strict=True)
+        if load_path is None:
+            raise ValueError(f"DeepSpeed found no engine state in {path / DS_TAG}")
+        device = c.engine.device
+        tables = torch.load(path / "tables.pt", map_location=device, weights_only=True)
+        if sorted(tables) != c.tables.layers():
+            raise ValueError(f"{path}/tables.pt holds layers {sorted(tables)}, the model has "
+                             f"{c.tables.layers()}")
+        with torch.no_grad():
+            for layer, weight in tables.items():
+                target = c.tables.weight(layer)
+                if target.shape != weight.shape:
+                    raise ValueError(f"{path}/tables.pt: layer {layer} table is {tuple(weight.shape)}, the "
+                                     f"model's is {tuple(target.shape)}")
+                target.copy_(weight)
+        if c.table_optimizer is not None:
+            c.table_optimizer.load_state_dict(torch.load(path / "table_optim.pt", map_location=device,
+                                                         weights_only=False))
+        biases = torch.load(path / "buffers.pt", map_location="cpu", weights_only=True)["moe_expert_bias"]
+        with torch.no_grad():
+            for moe, bias in zip(c.model.moe_layers(), biases, strict=True):
+                moe.router.expert_bias.copy_(bias.to(moe.router.expert_bias.device))
+                moe.load_accum.zero_()
+        rng_file = path / "rng" / f"rank_{self.rank:05d}.pt"
+        if not rng_file.is_file():
+            rng_file = path / "rng" / "rank_00000.pt"
+        set_rng_state(torch.load(rng_file, weights_only=False))
+        return state
+
+
+def checkpoint_dir(cfg: RunConfig) -> Path:
+    """`checkpoint.dir`, defaulting to `<output_dir>/checkpoints`."""
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.output_dir) / "checkpoints"

@@ -1,0 +1,426 @@
+"""Assemble a training run: process group, model, Engram tables outside DeepSpeed, the DeepSpeed engine.
+
+The Engram tables are deliberately *not* parameters of the module DeepSpeed wraps. DeepSpeed's ZeRO
+stages register gradient hooks on, flatten, partition and reduce every parameter of the module it is
+given; a row-sparse table must not go through any of that. So the tables live in a separate
+`TableStore` module, and the model receives `StoreTable` views of them through its table factory.
+`StoreTable` is a plain object (not an `nn.Module`), so `EngramModule` keeps it as an attribute and the
+table never appears in `model.parameters()`. Table gradients are sparse (`F.embedding(sparse=True)`)
+and are applied by `RowSparseAdam`, which exchanges the touched rows across the data-parallel ranks so
+every replica applies the same update.
+
+The backbone optimizer is a client `torch.optim.AdamW` over `param_groups_for(model, cfg.optimizer)`
+handed to `deepspeed.initialize` (no DeepSpeed scheduler: the trainer sets every group's LR each step).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ConfigError, RunConfig
+from ..model.engram_hash import ngram_hash, segment_ids_from_eod
+from ..model.transformer import EngramMoEModel
+
+if TYPE_CHECKING:
+    from ..data.dataset_dir import DatasetDir
+    from ..memory.compression import CompressionMap
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+AUTO = "auto"
+"""Placeholder in `ds_configs/*.json` for a value the run settings fill in."""
+
+
+# ---------------------------------------------------------------------------- process group
+
+@dataclass
+class DistInfo:
+    """Where this process sits in the world."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_distributed(backend: str = "auto") -> DistInfo:
+    """Initialise torch.distributed from the launcher's environment (torchrun, deepspeed, srun) or, when
+    no launcher set RANK/WORLD_SIZE, as a world of one. `backend`: auto | nccl | gloo."""
+    use_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cpu")
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return DistInfo(rank, world, local_rank, device)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def quiet_deepspeed() -> None:
+    """Keep DeepSpeed's per-step INFO lines and torch's collective deprecation warnings off the console."""
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+ is deprecated.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+
+
+# ---------------------------------------------------------------------------- DeepSpeed config
+
+def resolve_repo_path(path: str | Path) -> Path:
+    """An absolute path, a path relative to the working directory, or one relative to the repository."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO_ROOT / p
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _find_auto(tree: Any, prefix: str = "") -> list[str]:
+    if isinstance(tree, dict):
+        return [k for key, v in tree.items() for k in _find_auto(v, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if tree == AUTO else []
+
+
+def build_ds_config(cfg: RunConfig, world_size: int, use_cuda: bool | None = None) -> dict[str, Any]:
+    """The DeepSpeed config of a run: `cfg.deepspeed.config` (JSON) with the run settings written over it.
+
+    Set from the run: batch sizes, gradient accumulation and clipping, the ZeRO stage override, bf16
+    (GPU only; CPU runs stay fp32), optimizer offload; then `cfg.deepspeed.overrides` merged last.
+    The JSON must not define `optimizer` or `scheduler`: both come from the run config.
+    """
+    s = cfg.deepspeed
+    path = resolve_repo_path(s.config)
+    if not path.is_file():
+        raise ConfigError(f"deepspeed.config: {s.config} not found (looked in the working directory and "
+                          f"{REPO_ROOT}); use one of ds_configs/*.json")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"deepspeed.config: {path} is not valid JSON: {err}") from None
+    for key in ("optimizer", "scheduler"):
+        if key in ds or key in s.overrides:
+            raise ConfigError(f"deepspeed.config: {path} defines '{key}', but the {key} comes from the run "
+                              f"config (optimizer.*, schedule.*); remove it from the DeepSpeed JSON")
+    if use_cuda is None:
+        use_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+    t = cfg.train
+    ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+    ds["gradient_accumulation_steps"] = t.grad_accum_steps
+    ds["train_batch_size"] = t.micro_batch_size * t.grad_accum_steps * world_size
+    ds["gradient_clipping"] = cfg.optimizer.grad_clip
+    zero = dict(ds.get("zero_optimization", {}))
+    if s.zero_stage is not None:
+        zero["stage"] = s.zero_stage
+    zero.setdefault("stage", 0)
+    if s.offload_optimizer:
+        if zero["stage"] == 0:
+            raise ConfigError("deepspeed.offload_optimizer needs ZeRO stage >= 1 (set deepspeed.zero_stage)")
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bool(use_cuda)}
+    ds["zero_optimization"] = zero
+    bf16 = bool(s.bf16 and use_cuda)
+    if s.bf16 and not use_cuda:
+        logger.warning("deepspeed.bf16 is ignored on CPU: the run stays fp32")
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
+    if ds.get("fp16", {}).get("enabled") is True:
+        raise ConfigError("deepspeed.config: fp16 is not supported (MoE router and Engram gates need range); "
+                          "use deepspeed.bf16")
+    ds.pop("fp16", None)
+    # A client optimizer (torch AdamW subclass) also under ZeRO-Offload.
+    ds["zero_allow_untested_optimizer"] = True
+    ds["zero_force_ds_cpu_optimizer"] = False
+    ds.setdefault("steps_per_print", 2**31 - 1)
+    ds.setdefault("wall_clock_breakdown", False)
+    ds = _deep_merge(ds, s.overrides)
+    left = _find_auto(ds)
+    if left:
+        raise ConfigError(f"deepspeed.config: {path} leaves {', '.join(left)} as 'auto' and the run settings "
+                          "do not fill it; give a value in the JSON or in deepspeed.overrides")
+    return ds
+
+
+# ---------------------------------------------------------------------------- Engram tables
+
+class TableStore(nn.Module):
+    """Owns the Engram table parameters (one [num_rows, dim] fp32 matrix per Engram layer), outside the
+    module that DeepSpeed wraps. `tables["<layer>"]`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables = nn.ParameterDict()
+
+    def factory(self, init_std: float, sparse: bool = True) -> Any:
+        """A model `table_factory` that creates the table here and hands the model a `StoreTable` view."""
+
+        def make(layer_id: int, num_rows: int, dim: int) -> StoreTable:
+            if num_rows <= 0 or dim <= 0:
+                raise ValueError(f"engram table of layer {layer_id}: num_rows={num_rows}, dim={dim} must be "
+                                 "positive")
+            weight = nn.Parameter(torch.empty(num_rows, dim))
+            nn.init.normal_(weight, mean=0.0, std=init_std)
+            self.tables[str(layer_id)] = weight
+            return StoreTable(weight, sparse=sparse)
+
+        return make
+
+    def layers(self) -> list[int]:
+        return sorted(int(k) for k in self.tables.keys())
+
+    def weight(self, layer: int) -> nn.Parameter:
+        return self.tables[str(layer)]
+
+    @property
+    def num_rows(self) -> int:
+        return sum(p.shape[0] for p in self.tables.values())
+
+
+class StoreTable:
+    """`EngramTable` view of one `TableStore` parameter. Not an `nn.Module` on purpose: the model keeps it
+    as a plain attribute, so the table stays out of `model.parameters()` and out of DeepSpeed."""
+
+    def __init__(self, weight: nn.Parameter, sparse: bool = True) -> None:
+        self.weight = weight
+        self.sparse = sparse
+        self.num_rows, self.dim = int(weight.shape[0]), int(weight.shape[1])
+        self.compute_dtype: torch.dtype | None = None
+        """Cast the looked-up rows to this dtype (bf16 runs keep the table itself in fp32)."""
+
+    def lookup(self, flat_row_ids: torch.Tensor) -> torch.Tensor:
+        """flat_row_ids: [...] int64 (offsets included) -> rows [..., dim]; sparse row gradient."""
+        rows = F.embedding(flat_row_ids, self.weight, sparse=self.sparse)
+        return rows if self.compute_dtype is None else rows.to(self.compute_dtype)
+
+    def __repr__(self) -> str:
+        return f"StoreTable(num_rows={self.num_rows}, dim={self.dim}, sparse={self.sparse})"
+
+
+# ---------------------------------------------------------------------------- backbone optimizer
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that skips its step when a gradient is non-finite and says so in `overflow`.
+
+    DeepSpeed's ZeRO optimizers (stages 1-3) already skip a step whose global gradient norm is not finite
+    before this optimizer is reached. Without ZeRO, DeepSpeed calls this optimizer directly on the
+    all-reduced (hence rank-identical) gradients and reads `overflow` to count a skipped step.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.overflow = False
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self.overflow = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+def build_backbone_optimizer(model: nn.Module, cfg: RunConfig,
+                             ds_config: dict[str, Any]) -> torch.optim.Optimizer:
+    """Client optimizer over the backbone + Engram dense parameters (the tables are not in the model).
+
+    `adamw`: `GuardedAdamW` over `param_groups_for` (any ZeRO stage). `muon`: `train.muon.Muon` (Muon for the
+    hidden matrices, AdamW for the rest), which needs whole matrices: ZeRO stage 0 in fp32 only.
+    """
+    from .param_groups import param_groups_for
+
+    o = cfg.optimizer
+    groups = param_groups_for(model, o)
+    for g in groups:
+        g.setdefault("lr", o.lr)
+        g["base_lr"] = g["lr"]
+    betas = (o.betas[0], o.betas[1])
+    if o.name == "muon":
+        if ds_config["zero_optimization"]["stage"] != 0 or ds_config["bf16"]["enabled"]:
+            raise ConfigError("optimizer.name=muon needs whole weight matrices: use deepspeed.zero_stage=0 "
+                              "without bf16 (ZeRO and DeepSpeed's bf16 optimizer hand it flat partitions)")
+        from .muon import Muon
+
+        return Muon(groups, lr=o.lr, weight_decay=o.weight_decay, momentum=o.muon_momentum,
+                    ns_steps=o.muon_ns_steps, betas=betas, eps=o.eps)
+    return GuardedAdamW(groups, lr=o.lr, betas=betas, eps=o.eps, weight_decay=o.weight_decay)
+
+
+# ---------------------------------------------------------------------------- assembly
+
+@dataclass
+class TrainComponents:
+    """Everything the trainer steps."""
+
+    cfg: RunConfig
+    dist: DistInfo
+    engine: Any
+    """The DeepSpeed engine wrapping `model`."""
+    model: EngramMoEModel
+    tables: TableStore
+    table_optimizer: Any | None
+    """`RowSparseAdam` over the tables (None without Engram)."""
+    ds_config: dict[str, Any]
+    eod_token_id: int | None = None
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.ds_config["zero_optimization"]["stage"])
+
+    def row_ids(self, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+        return engram_row_ids(self.model, input_ids, self.eod_token_id)
+
+
+def engram_row_ids(model: EngramMoEModel, input_ids: torch.Tensor,
+                   eod_token_id: int | None) -> dict[int, torch.Tensor]:
+    """input_ids: [B, T] -> {layer: [B, T, H]} row ids, computed outside the DeepSpeed-wrapped forward.
+
+    Hashing is done here rather than inside `model.forward` so the lookup addresses are plain batch data
+    (and because ZeRO-3's module hooks cannot walk the int-keyed dict the addresser returns). The
+    addresser's buffers are read directly; its `forward` is not called through the hooked `__call__`.
+    """
+    addresser = model.addresser
+    if addresser is None:
+        return {}
+    segment_ids = None
+    if model.config.engram.reset_at_doc_boundary:
+        if eod_token_id is None:
+            raise ValueError("model.engram.reset_at_doc_boundary needs the dataset's eod_token_id")
+        segment_ids = segment_ids_from_eod(input_ids, eod_token_id)
+    compressed = addresser.compress(input_ids)
+    return {layer: ngram_hash(compressed, getattr(addresser, f"multipliers_{layer}"),
+                              getattr(addresser, f"head_sizes_{layer}"), addresser.max_ngram,
+                              addresser.num_heads, addresser.pad_id, segment_ids)
+            for layer in addresser.layers}
+
+
+def compression_map_for(cfg: RunConfig, dataset: DatasetDir | None) -> CompressionMap | None:
+    """The dataset's tokenizer compression map when the model hashes compressed ids, else None."""
+    e = cfg.model.engram
+    if not e.layers or not e.token_compression:
+        return None
+    if dataset is None:
+        raise ValueError("model.engram.token_compression needs a dataset directory with compression_map.npz")
+    return dataset.compression_map()
+
+
+def build_model(cfg: RunConfig, compression: CompressionMap | None) -> tuple[EngramMoEModel, TableStore]:
+    """The model with its tables in a separate `TableStore` (seeded: identical on every rank)."""
+    from ..memory.addressing import build_addressing
+
+    seed_everything(cfg.train.seed)
+    store = TableStore()
+    addressing = build_addressing(cfg.model, compression) if cfg.model.engram.layers else None
+    model = EngramMoEModel(cfg.model, addressing,
+                           table_factory=store.factory(cfg.model.engram.table_init_std, sparse=True))
+    return model, store
+
+
+def build_table_optimizer(store: TableStore, cfg: RunConfig) -> Any | None:
+    """Row-sparse Adam of the tables: lr x engram_lr_multiplier, engram_weight_decay (paper: 0)."""
+    if not store.tables:
+        return None
+    from ..memory.sparse_optim import RowSparseAdam
+
+    o = cfg.optimizer
+    return RowSparseAdam(list(store.tables.values()), lr=o.lr * o.engram_lr_multiplier,
+                         betas=(o.betas[0], o.betas[1]), eps=o.eps, weight_decay=o.engram_weight_decay,
+                         process_group=None)
+
+
+def build_components(cfg: RunConfig, info: DistInfo, dataset: DatasetDir | None) -> TrainComponents:
+    """Model + tables + DeepSpeed engine + table optimizer for this rank."""
+    import deepspeed
+
+    quiet_deepspeed()
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    if cfg.parallel.ep_size != 1:
+        raise ConfigError("parallel.ep_size > 1 (expert parallelism) is not supported by the trainer yet")
+    if cfg.parallel.table_sharding != "replicated" or cfg.parallel.host_tables:
+        raise ConfigError("parallel.table_sharding=sharded / parallel.host_tables are not supported by the "
+                          "trainer yet; use replicated tables")
+    if cfg.data.engram_sidecar and info.rank == 0:
+        logger.warning("data.engram_sidecar: the trainer hashes row ids on device (bit-identical to the "
+                       "sidecar); precomputed rows are not read yet")
+    ds_config = build_ds_config(cfg, info.world_size, use_cuda=info.device.type == "cuda")
+    model, store = build_model(cfg, compression_map_for(cfg, dataset))
+    optimizer = build_backbone_optimizer(model, cfg, ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                           dist_init_required=False)
+    store.to(engine.device)
+    if ds_config["bf16"]["enabled"]:
+        for module in model.modules():
+            table = getattr(module, "table", None)
+            if isinstance(table, StoreTable):
+                table.compute_dtype = torch.bfloat16
+    if info.world_size > 1:
+        for p in store.parameters():  # replicas start identical even if a rank's RNG drifted
+            dist.broadcast(p.data, src=0)
+    eod = cfg.data.eod_token_id
+    if eod is None and dataset is not None:
+        eod = dataset.eod_token_id
+    return TrainComponents(cfg=cfg, dist=info, engine=engine, model=engine.module, tables=store,
+                           table_optimizer=build_table_optimizer(store, cfg), ds_config=ds_config,
+                           eod_token_id=eod)
+
+
+def set_learning_rates(c: TrainComponents, multiplier: float) -> tuple[float, float]:
+    """Write `base_lr x multiplier` into every backbone group and the table optimizer's LR.
+
+    Returns (backbone peak-relative LR, table LR)."""
+    o = c.cfg.optimizer
+    for g in c.engine.optimizer.param_groups:
+        g["lr"] = g.get("base_lr", o.lr) * multiplier
+    return o.lr * multiplier, o.lr * o.engram_lr_multiplier * multiplier
+
+
+def consolidated_state_dict(c: TrainComponents) -> dict[str, torch.Tensor]:
+    """Full CPU state dict of the model *with* its tables under `blocks.<L>.engram.table.weight` (the names of
+    a model built with `LocalEngramTable`s). Collective under ZeRO-3 (parameters are gathered)."""
+    import deepspeed
+
+    params = list(c.model.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=c.zero_stage == 3):
+        state = {k: v.detach().cpu().clone() for k, v in c.model.state_dict().items()}
+    for layer in c.tables.layers():
+        state[f"blocks.{layer}.engram.table.weight"] = c.tables.weight(layer).detach().cpu().clone()
+    return state

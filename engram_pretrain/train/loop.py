@@ -1,0 +1,447 @@
+"""The training loop: micro-batches through the DeepSpeed engine, the table step, balancing, eval, saves.
+
+One optimizer step:
+
+1. set every group's LR from `lr_multiplier(step)` (tables: x `engram_lr_multiplier`);
+2. for each of `grad_accum_steps` micro-batches: Engram row ids from the batch, `engine(...)`,
+   `engine.backward(loss)`, `engine.step()` (DeepSpeed steps the backbone at the accumulation boundary);
+3. one all-reduce of [loss, non-finite flag, stop flag, per-expert loads] over the world;
+4. if the step was applied: `RowSparseAdam.step` on the tables (rows exchanged across ranks) and the
+   loss-free bias update from the global-batch loads; otherwise discard the table gradients and loads.
+
+Non-finite policy: a micro-batch with a non-finite loss has its backward multiplied by NaN so that every
+rank's gradient norm is NaN, which makes DeepSpeed skip the step everywhere (ZeRO >= 1 checks the norm;
+without ZeRO `GuardedAdamW` does). Skipped steps are counted; `train.max_nonfinite_steps` of them in a
+row raise `NonFiniteError` (exit code 3).
+
+Signals: SIGTERM and SIGUSR1 set a flag; at the next step boundary (all ranks agree through the
+all-reduce) the trainer saves a checkpoint and returns; the CLI exits with code 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..config import RunConfig, dump_config, to_dict
+from .checkpoint import Checkpointer, SaveReport, checkpoint_dir, resolve_resume
+from .engine import TrainComponents, set_learning_rates
+from .metrics import MetricsSink, console_line, load_stats, memory_stats, mfu, peak_flops
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+"""Training finished, or stopped by SIGTERM/SIGUSR1 after writing a checkpoint."""
+EXIT_CONFIG = 2
+"""Bad configuration or data (nothing was trained)."""
+EXIT_NONFINITE = 3
+"""Aborted after `train.max_nonfinite_steps` consecutive non-finite steps."""
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 handler: remembers the signal; the trainer acts at the next step boundary."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step produced (global values, identical on every rank)."""
+
+    loss: float
+    skipped: bool
+    stop: bool
+    grad_norm: float | None
+    lr: float
+    table_lr: float
+    seconds: float
+    loads: list[torch.Tensor]
+    rows_touched: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    """Outcome of `Trainer.fit`."""
+
+    step: int
+    losses: list[float]
+    """Global mean training loss of every step run by this call (NaN for skipped ones)."""
+    val_losses: dict[int, float]
+    stopped_early: bool
+    """Stopped before `train.steps` by SIGTERM/SIGUSR1 (or `fit(stop_at=...)`), after a checkpoint."""
+    skipped_steps: int
+    last_checkpoint: Path | None
+    seconds: float
+
+
+class Trainer:
+    """Runs `cfg.train.steps` optimizer steps over `train_batches`, with eval, logging and checkpoints."""
+
+    def __init__(self, c: TrainComponents, train_batches: Any, valid_batches: Any | None,
+                 checkpointer: Checkpointer | None, sink: MetricsSink | None = None) -> None:
+        self.c = c
+        self.cfg: RunConfig = c.cfg
+        self.train_batches = train_batches
+        self.valid_batches = valid_batches
+        self.checkpointer = checkpointer
+        self.sink = sink
+        self.step = 0
+        self.skipped_steps = 0
+        self.nonfinite_in_a_row = 0
+        self.tokens_seen = 0
+        self.stop_request = StopRequest()
+        self.last_saved_step: int | None = None
+        self.last_checkpoint: Path | None = None
+        from ..analysis.params import count_parameters
+
+        self.activated_params = count_parameters(self.cfg.model).activated_with_head
+        self.peak_flops, self.peak_label = peak_flops(c.engine.device, bool(c.ds_config["bf16"]["enabled"]))
+        self._window: list[StepStats] = []
+
+    # ------------------------------------------------------------------ state
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {"data": self.train_batches.state_dict(), "skipped_steps": self.skipped_steps,
+                "nonfinite_in_a_row": self.nonfinite_in_a_row, "tokens_seen": self.tokens_seen}
+
+    def restore(self, path: str | Path) -> None:
+        """Continue from a checkpoint written by `save`."""
+        if self.checkpointer is None:
+            raise ValueError("restore needs a Checkpointer")
+        state = self.checkpointer.load(self.c, path)
+        self.step = int(state["step"])
+        self.train_batches.load_state_dict(state["data"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.last_saved_step = self.step
+        self.last_checkpoint = Path(path)
+        if self.c.dist.rank == 0:
+            logger.info("resumed from %s at step %d (global sample %d)", path, self.step,
+                        state["data"].get("consumed_samples", -1))
+
+    def save(self) -> SaveReport | None:
+        if self.checkpointer is None:
+            return None
+        report = self.checkpointer.save(self.c, self.step, self.trainer_state())
+        self.last_saved_step, self.last_checkpoint = self.step, report.path
+        if self.c.dist.rank == 0:
+            logger.info("checkpoint %s: %.2f MB in %.2f s", report.path, report.num_bytes / 1e6,
+                        report.seconds)
+        if self.sink is not None:
+            self.sink.write(self.step, {"checkpoint": {"bytes": report.num_bytes,
+                                                       "save_seconds": report.seconds}})
+        return report
+
+    # ------------------------------------------------------------------ one step
+
+    def train_step(self) -> StepStats:
+        """One optimizer step and its bookkeeping (step counter, skip counters); collective on all ranks.
+
+        Raises `NonFiniteError` after `train.max_nonfinite_steps` skipped steps in a row."""
+        t = self.cfg.train
+        stats = self._optimizer_step()
+        self.step += 1
+        self.tokens_seen += self._tokens_per_step()
+        self._window.append(stats)
+        if not stats.skipped:
+            self.nonfinite_in_a_row = 0
+            return stats
+        self.skipped_steps += 1
+        self.nonfinite_in_a_row += 1
+        if self.c.dist.rank == 0:
+            logger.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", self.step,
+                           self.nonfinite_in_a_row)
+        if self.nonfinite_in_a_row >= t.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{self.nonfinite_in_a_row} consecutive steps (up to step {self.step}) had a non-finite loss "
+                f"or gradient (train.max_nonfinite_steps={t.max_nonfinite_steps}); aborting. Last "
+                f"checkpoint: {self.last_checkpoint}. Lower optimizer.lr, check the data, or resume from an "
+                "earlier checkpoint.")
+        return stats
+
+    def _optimizer_step(self) -> StepStats:
+        """One optimizer step over `grad_accum_steps` micro-batches (collective on all ranks)."""
+        from .schedule import lr_multiplier
+
+        c, cfg = self.c, self.cfg
+        engine, device = c.engine, c.engine.device
+        start = time.perf_counter()
+        lr, table_lr = set_learning_rates(c, lr_multiplier(self.step, cfg.train.steps, cfg.schedule))
+        skipped_before = engine.skipped_steps
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        nonfinite = 0
+        for _ in range(cfg.train.grad_accum_steps):
+            batch = next(self.train_batches)
+            input_ids = batch["input_ids"].to(device)  # [B, T]
+            labels = batch["labels"].to(device)  # [B, T]
+            out = engine(input_ids, labels=labels, engram_row_ids=c.row_ids(input_ids))
+            loss = out.loss
+            if not bool(torch.isfinite(loss)):
+                nonfinite += 1
+                loss = loss * float("nan")  # NaN gradients on every rank's norm -> DeepSpeed skips the step
+            loss_sum += out.lm_loss.detach().double().cpu()
+            engine.backward(loss)
+            engine.step()
+        applied_by_engine = engine.skipped_steps == skipped_before
+        moes = c.model.moe_layers()
+        flags = torch.tensor([float(loss_sum), float(nonfinite),
+                              float(self.stop_request.signum is not None)], dtype=torch.float64)
+        packed = torch.cat([flags] + [m.load_accum.detach().double().cpu() for m in moes])
+        dist.all_reduce(packed)
+        world = c.dist.world_size
+        mean_loss = float(packed[0]) / (cfg.train.grad_accum_steps * world)
+        skipped = bool(packed[1] > 0) or not applied_by_engine
+        if bool(packed[1] > 0) and applied_by_engine:
+            logger.error("step %d: non-finite loss but DeepSpeed applied the step", self.step)
+        loads = list(packed[3:].split([m.num_experts for m in moes])) if moes else []
+        rows_touched = self._rows_touched() if self._is_log_step(self.step + 1) else {}
+        if not skipped:
+            if c.table_optimizer is not None:
+                c.table_optimizer.step(table_lr)
+            c.model.update_moe_biases([ld.float() for ld in loads] if moes else None)
+        else:
+            for m in moes:
+                m.load_accum.zero_()
+        if c.table_optimizer is not None:
+            c.table_optimizer.zero_grad()
+        norm = engine.get_global_grad_norm()
+        norm = None if norm is None else float(norm)
+        return StepStats(loss=mean_loss if not skipped else float("nan"), skipped=skipped,
+                         stop=bool(packed[2] > 0), grad_norm=norm, lr=lr, table_lr=table_lr,
+                         seconds=time.perf_counter() - start, loads=loads, rows_touched=rows_touched)
+
+    def _rows_touched(self) -> dict[int, int]:
+        """Distinct table rows with a gradient on this rank in the current step, per Engram layer."""
+        out = {}
+        for layer in self.c.tables.layers():
+            grad = self.c.tables.weight(layer).grad
+            if grad is None:
+                out[layer] = 0
+            elif grad.is_sparse:
+                out[layer] = int(torch.unique(grad._indices()[0]).numel())
+            else:
+                out[layer] = int((grad != 0).any(dim=1).sum())
+        return out
+
+    # ------------------------------------------------------------------ eval
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean validation LM loss over `eval_batches` micro-batches per rank, averaged over all ranks."""
+        if self.valid_batches is None:
+            return None
+        c = self.c
+        c.engine.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        for batch in self.valid_batches:
+            input_ids = batch["input_ids"].to(c.engine.device)
+            out = c.engine(input_ids, labels=batch["labels"].to(c.engine.device),
+                           engram_row_ids=c.row_ids(input_ids))
+            total += torch.tensor([float(out.lm_loss), 1.0], dtype=torch.float64)
+        c.engine.train()
+        dist.all_reduce(total)
+        return float(total[0] / total[1])
+
+    # ------------------------------------------------------------------ metrics
+
+    def _is_log_step(self, step: int) -> bool:
+        n = self.cfg.train.log_interval
+        return n > 0 and (step % n == 0 or step == self.cfg.train.steps)
+
+    def _log(self, val_loss: float | None) -> None:
+        window, self._window = self._window, []
+        if not window:
+            return
+        c, cfg = self.c, self.cfg
+        last = window[-1]
+        losses = [s.loss for s in window if not s.skipped]
+        seconds = sum(s.seconds for s in window)
+        tokens = len(window) * self._tokens_per_step()
+        tps = tokens / seconds if seconds > 0 else 0.0
+        moe = {}
+        maxvios = []
+        for i, (m, load) in enumerate(zip(c.model.moe_layers(), last.loads, strict=False)):
+            st = load_stats(load)
+            bias = m.router.expert_bias
+            maxvios.append(st["maxvio"])
+            moe[f"layer{self._moe_layer_ids()[i]}"] = {**st, "bias_min": float(bias.min()),
+                                                       "bias_max": float(bias.max())}
+        engram = {}
+        gates = []
+        for block in c.model.blocks:
+            if block.engram is not None and block.engram.last_gate_mean is not None:
+                g = block.engram.last_gate_mean.float().cpu()
+                gates.append(float(g.mean()))
+                engram[f"layer{block.layer_id}"] = {
+                    "gate_mean": {f"branch{j}": float(v) for j, v in enumerate(g)},
+                    "rows_touched": last.rows_touched.get(block.layer_id, 0)}
+        record: dict[str, Any] = {
+            "loss": sum(losses) / len(losses) if losses else float("nan"),
+            "val_loss": val_loss, "lr": last.lr, "engram_lr": last.table_lr, "grad_norm": last.grad_norm,
+            "tokens_per_s": tps, "step_seconds": seconds / len(window),
+            "mfu": mfu(self.activated_params, tps, self.peak_flops, c.dist.world_size),
+            "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
+            "maxvio": max(maxvios) if maxvios else None,
+            "engram_gate": sum(gates) / len(gates) if gates else None,
+            "moe": moe, "engram": engram, "memory": memory_stats(c.engine.device)}
+        if c.dist.rank == 0:
+            logger.info(console_line(self.step, cfg.train.steps, record))
+        if self.sink is not None:
+            self.sink.write(self.step, record)
+
+    def _moe_layer_ids(self) -> list[int]:
+        return [b.layer_id for b in self.c.model.blocks if b.is_moe]
+
+    def _tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch_size * t.grad_accum_steps * self.cfg.data.seq_len * self.c.dist.world_size
+
+    # ------------------------------------------------------------------ the run
+
+    def fit(self, stop_at: int | None = None) -> TrainResult:
+        """Train until `cfg.train.steps` (or a stop signal); evaluate, log and save on the way.
+
+        `stop_at`: behave as if a stop signal arrived during that step (checkpoint, then return); the LR
+        schedule still spans `cfg.train.steps`."""
+        cfg = self.cfg
+        t = cfg.train
+        start = time.perf_counter()
+        losses: list[float] = []
+        val_losses: dict[int, float] = {}
+        stopped = False
+        if self.c.dist.rank == 0:
+            logger.info("training %s from step %d to %d: %d tokens/step, %d activated params (MFU peak: %s)",
+                        cfg.name, self.step, t.steps, self._tokens_per_step(), self.activated_params,
+                        self.peak_label)
+        self.stop_request.install()
+        try:
+            while self.step < t.steps:
+                stats = self.train_step()
+                losses.append(stats.loss)
+                val = None
+                if t.eval_interval > 0 and (self.step % t.eval_interval == 0 or self.step == t.steps):
+                    val = self.evaluate()
+                    if val is not None:
+                        val_losses[self.step] = val
+                if self._is_log_step(self.step) or val is not None:
+                    self._log(val)
+                if stats.stop or self.step == stop_at:
+                    if self.c.dist.rank == 0:
+                        logger.warning("stop requested: saving at step %d and exiting", self.step)
+                    if self.last_saved_step != self.step:
+                        self.save()
+                    stopped = True
+                    break
+                interval = cfg.checkpoint.interval
+                if (interval > 0 and self.step % interval == 0) or self.step == t.steps:
+                    if self.last_saved_step != self.step:
+                        self.save()
+        finally:
+            self.stop_request.restore()
+        return TrainResult(step=self.step, losses=losses, val_losses=val_losses, stopped_early=stopped,
+                           skipped_steps=self.skipped_steps, last_checkpoint=self.last_checkpoint,
+                           seconds=time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------- entry point
+
+def setup_logging(rank: int) -> None:
+    """Rank 0 logs INFO of this package to stdout; other ranks and other libraries only warnings."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname).1s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+    logging.getLogger("engram_pretrain").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def build_trainer(cfg: RunConfig, resume: str | None = "auto") -> Trainer:
+    """Everything for one rank of a run (initialises the process group if needed); resumes when asked."""
+    from ..data.loader import build_loaders
+    from .engine import build_components, init_distributed
+
+    info = init_distributed(cfg.launcher.backend)
+    train_batches, valid_batches, dataset = build_loaders(cfg, info.rank, info.world_size)
+    components = build_components(cfg, info, dataset)
+    ckpt_dir = checkpoint_dir(cfg)
+    checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint.keep_last, info.rank, info.world_size)
+    log_cfg = cfg.logging
+    sink = MetricsSink(cfg.output_dir, info.rank, jsonl=log_cfg.jsonl, tensorboard=log_cfg.tensorboard,
+                       wandb=log_cfg.wandb, wandb_project=log_cfg.wandb_project, run_name=cfg.name,
+                       config=to_dict(cfg))
+    trainer = Trainer(components, train_batches, valid_batches, checkpointer, sink)
+    path = resolve_resume(resume, ckpt_dir)
+    if path is not None:
+        trainer.restore(path)
+    elif resume == "auto" and info.rank == 0:
+        logger.info("no complete checkpoint in %s: starting fresh", ckpt_dir)
+    return trainer
+
+
+def run_training(cfg: RunConfig, resume: str | None = "auto") -> int:
+    """`engram-pretrain train`: train one run on this process's rank; returns the exit code
+    (`EXIT_OK`, `EXIT_CONFIG`, `EXIT_NONFINITE`)."""
+    from .engine import init_distributed
+
+    info = init_distributed(cfg.launcher.backend)
+    setup_logging(info.rank)
+    trainer = None
+    try:
+        if info.rank == 0:
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, Path(cfg.output_dir) / "config.yaml")
+        try:
+            trainer = build_trainer(cfg, resume)
+        except ValueError as err:  # ConfigError included: bad config, data or checkpoint
+            logger.error("error: %s", err)
+            return EXIT_CONFIG
+        try:
+            result = trainer.fit()
+        except NonFiniteError as err:
+            logger.error("%s", err)
+            return EXIT_NONFINITE
+        if info.rank == 0:
+            how = "stopped by signal" if result.stopped_early else "finished"
+            last_val = f"{list(result.val_losses.values())[-1]:.4f}" if result.val_losses else "-"
+            final = result.losses[-1] if result.losses else math.nan
+            logger.info("%s at step %d in %.1f s: last loss %.4f, last val loss %s, checkpoint %s", how,
+                        result.step, result.seconds, final, last_val, result.last_checkpoint)
+        return EXIT_OK
+    finally:
+        if trainer is not None and trainer.sink is not None:
+            trainer.sink.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
