@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .launch.commands import add_commands
 
     add_commands(sub)  # launch (one machine), submit (SLURM)
+    from .analysis.commands import add_commands as add_analysis_commands
+    add_analysis_commands(sub)  # analyze cka, analyze logit-lens
     return parser
 
 

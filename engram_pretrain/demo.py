@@ -42,13 +42,17 @@ def unigram_entropy(dataset_dir: str | Path, split: str = "train") -> tuple[floa
 
 
 def ensure_data(path: Path) -> None:
-    """Build the default dataset (same command and defaults as `make data`) unless it is complete."""
+    """Build the default dataset with `make data OUT=<path>` unless it is complete (without make: the same
+    `python -m data_prep build` command with the Makefile's defaults)."""
     if (path / "metadata.json").is_file():
         print(f"data: {path} (complete)")
         return
-    print(f"data: {path} missing: building it (default corpus, BPE vocab 4096; as `make data`)", flush=True)
-    cmd = [sys.executable, "-m", "data_prep", "build", "default", "--out", str(path), "--tokenizer", "bpe",
-           "--vocab-size", "4096"]
+    print(f"data: {path} missing: building it (default corpus, BPE vocab 4096)", flush=True)
+    if shutil.which("make") and (REPO_ROOT / "Makefile").is_file():
+        cmd = ["make", "--no-print-directory", "data", f"OUT={path}"]
+    else:
+        cmd = [sys.executable, "-m", "data_prep", "build", "default", "--out", str(path),
+               "--tokenizer", "bpe", "--vocab-size", "4096"]
     subprocess.run(cmd, check=True, cwd=REPO_ROOT)
 
 

@@ -88,6 +88,14 @@ def _flat_rows(c: Any, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
     return {layer: (r + c.model.blocks[layer].engram.head_offsets).flatten() for layer, r in rows.items()}
 
 
+class _DyingCheckpointer(Checkpointer):
+    """A save killed after DeepSpeed wrote its files and before the `complete` marker (on every rank)."""
+
+    def _write_state(self, *args: Any) -> None:
+        super()._write_state(*args)
+        raise RuntimeError("killed mid-save")
+
+
 def _straight_vs_resumed(data: str, out: str, overrides: tuple[str, ...], n: int = 3, m: int = 3
                          ) -> dict[str, Any]:
     """N+M steps straight vs N steps, stop (checkpoint), a fresh trainer resumes and runs M steps."""
@@ -101,6 +109,15 @@ def _straight_vs_resumed(data: str, out: str, overrides: tuple[str, ...], n: int
     trainer = _trainer(cfg)
     first = trainer.fit(stop_at=n)
     result["first"], result["stopped"] = first.losses, first.stopped_early
+    # one more step whose save dies after DeepSpeed wrote its files: the step-N checkpoint must survive
+    trainer.train_step()
+    trainer.checkpointer.__class__ = _DyingCheckpointer
+    try:
+        trainer.save()
+    except RuntimeError as err:
+        result["save_died"] = str(err)
+    ckpt_dir = Path(cfg.output_dir) / "checkpoints"
+    result["after_dead_save"] = sorted(p.name for p in ckpt_dir.iterdir())
     _close(trainer)
     trainer = _trainer(cfg, "auto")
     result["resumed_from"] = trainer.step
@@ -207,6 +224,8 @@ def test_zero_stage_on_two_ranks_matches_single_process(zero_runs: dict[str, Any
 
 def _assert_exact_resume(r: dict[str, Any]) -> None:
     assert r["stopped"] and r["resumed_from"] == 3
+    assert r["save_died"] == "killed mid-save"
+    assert r["after_dead_save"] == ["latest", "step_3", "step_4.tmp"]
     assert r["first"] + r["second"] == r["straight"]  # exact float equality
     assert r["straight_state"].keys() == r["resumed_state"].keys()
     for name, tensor in r["straight_state"].items():
@@ -478,3 +497,19 @@ def test_deepspeed_launcher_runs_the_cli(dataset: Path, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "finished at step 4" in done.stdout
     assert find_latest(tmp_path / "run" / "checkpoints").name == "step_4"
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_a_small_corpus(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    data = make_dataset_dir(tmp_path / "ds", vocab_size=96, num_docs=(400, 40))
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "engram_pretrain.demo", "--data", str(data), "--out", str(out),
+           "train.steps=60", "train.eval_interval=30", "schedule.warmup_steps=5", "data.seq_len=64"]
+    done = subprocess.run(cmd, env=_launcher_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "OK: below the unigram entropy" in done.stdout
+    assert (out / "loss.png").stat().st_size > 10_000
+    assert find_latest(out / "checkpoints").name == "step_60"

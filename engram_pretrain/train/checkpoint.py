@@ -187,9 +187,7 @@ class Checkpointer:
             (tmp / "rng").mkdir()
         _barrier()
         c.engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={}, save_latest=False)
-        torch.save(rng_state(), tmp / "rng" / f"rank_{self.rank:05d}.pt")
-        if self.rank == 0:
-            self._save_rank0_state(c, tmp, step, trainer_state)
+        self._write_state(c, tmp, step, trainer_state)
         _barrier()
         num_bytes = 0
         if self.rank == 0:
@@ -203,8 +201,11 @@ class Checkpointer:
         _barrier()
         return SaveReport(final, step, time.perf_counter() - start, num_bytes)
 
-    def _save_rank0_state(self, c: TrainComponents, tmp: Path, step: int,
-                          trainer_state: dict[str, Any]) -> None:
+    def _write_state(self, c: TrainComponents, tmp: Path, step: int, trainer_state: dict[str, Any]) -> None:
+        """Everything besides DeepSpeed's files: RNG of every rank; tables, optimizer, counters on rank 0."""
+        torch.save(rng_state(), tmp / "rng" / f"rank_{self.rank:05d}.pt")
+        if self.rank != 0:
+            return
         tables = {layer: c.tables.weight(layer).detach().cpu() for layer in c.tables.layers()}
         torch.save(tables, tmp / "tables.pt")
         if c.table_optimizer is not None:

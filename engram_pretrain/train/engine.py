@@ -93,9 +93,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class _DropExpected(logging.Filter):
+    """Drops DeepSpeed's warning about our (deliberate) client AdamW subclass under ZeRO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "untested optimizer" not in record.getMessage()
+
+
 def quiet_deepspeed() -> None:
     """Keep DeepSpeed's per-step INFO lines and torch's collective deprecation warnings off the console."""
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    ds_logger = logging.getLogger("DeepSpeed")
+    ds_logger.setLevel(logging.WARNING)
+    if not any(isinstance(f, _DropExpected) for f in ds_logger.filters):
+        ds_logger.addFilter(_DropExpected())
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+ is deprecated.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 

@@ -33,6 +33,9 @@ void check_index_dtype(const at::Tensor& t, const char* name) {
 // Rows are read in random order (hashed ids), which hardware prefetchers cannot predict: request the
 // row kPrefetchAhead iterations ahead (at most kPrefetchBytes of it).
 constexpr int64_t kPrefetchAhead = 8;
+// Rows per OpenMP work item: dynamic scheduling keeps a descheduled thread (shared machines) from
+// stalling the whole loop; results do not depend on the schedule (rows are independent).
+constexpr int64_t kChunk = 256;
 constexpr int64_t kPrefetchBytes = 1024;
 
 inline void prefetch_row(const void* row, int64_t bytes, bool write = false) {
@@ -59,7 +62,7 @@ bool gather_impl(const char* table, int64_t num_rows, int64_t row_bytes, const i
   const int64_t groups = n / heads;
   const int64_t ahead_groups = (kPrefetchAhead + heads - 1) / heads;
   const int nt = at::get_num_threads();
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) schedule(dynamic, kChunk)
   for (int64_t i = 0; i < groups; ++i) {
     if (i + ahead_groups < groups) {
       for (int64_t hd = 0; hd < heads; ++hd) {
@@ -258,7 +261,7 @@ void segment_reduce_impl(const at::Tensor& grads, const Segments& seg, int64_t* 
   const scalar_t* gp = grads.data_ptr<scalar_t>();
   scalar_t* sp = summed.data_ptr<scalar_t>();
   const int nt = at::get_num_threads();
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) schedule(dynamic, kChunk)
   for (int64_t k = 0; k < u; ++k) {
     if (k + kPrefetchAhead < u) {
       prefetch_row(gp + seg.order[seg.seg[k + kPrefetchAhead]] * d, d * static_cast<int64_t>(sizeof(scalar_t)));
@@ -338,7 +341,7 @@ void adam_rows_impl(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_
 #pragma omp parallel num_threads(nt)
   {
     std::vector<state_t> acc(order != nullptr ? d : 0);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, kChunk)
     for (int64_t k = 0; k < u; ++k) {
       if (k + kPrefetchAhead < u) {
         const int64_t ahead = ids[k + kPrefetchAhead];
