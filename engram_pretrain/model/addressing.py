@@ -59,9 +59,12 @@ class EngramAddresser(nn.Module):
         """Raw ids [B, T] -> compressed ids [B, T] (identity when compression is off)."""
         return self.compression[input_ids] if self.compress_ids else input_ids
 
-    def forward(self, input_ids: torch.Tensor,
+    def row_ids(self, input_ids: torch.Tensor,
                 segment_ids: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-        """input_ids: [B, T] raw ids -> {layer: row ids [B, T, (N-1) * K]} (per-head, no offsets)."""
+        """input_ids: [B, T] raw ids -> {layer: row ids [B, T, (N-1) * K]} (per-head, no offsets).
+
+        A plain method, not `forward`: module hooks (ZeRO-3's among them) cannot walk int-keyed dicts.
+        """
         compressed = self.compress(input_ids)
         return {
             layer: ngram_hash(compressed, getattr(self, f"multipliers_{layer}"),

@@ -130,7 +130,7 @@ class EngramMoEModel(nn.Module):
             return {}
         if not self.config.engram.reset_at_doc_boundary:
             segment_ids = None
-        return self.addresser(input_ids, segment_ids)
+        return self.addresser.row_ids(input_ids, segment_ids)
 
     def new_cache(self) -> DecodeCache:
         """Empty decoding state for `forward(..., cache=...)` (one per batch of sequences)."""

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, RunConfig
-from ..model.engram_hash import ngram_hash, segment_ids_from_eod
+from ..model.engram_hash import segment_ids_from_eod
 from ..model.transformer import EngramMoEModel
 
 if TYPE_CHECKING:
@@ -323,9 +323,7 @@ def engram_row_ids(model: EngramMoEModel, input_ids: torch.Tensor,
                    eod_token_id: int | None) -> dict[int, torch.Tensor]:
     """input_ids: [B, T] -> {layer: [B, T, H]} row ids, computed outside the DeepSpeed-wrapped forward.
 
-    Hashing is done here rather than inside `model.forward` so the lookup addresses are plain batch data
-    (and because ZeRO-3's module hooks cannot walk the int-keyed dict the addresser returns). The
-    addresser's buffers are read directly; its `forward` is not called through the hooked `__call__`.
+    Hashing is done here rather than inside `model.forward` so the lookup addresses are plain batch data.
     """
     addresser = model.addresser
     if addresser is None:
@@ -335,11 +333,7 @@ def engram_row_ids(model: EngramMoEModel, input_ids: torch.Tensor,
         if eod_token_id is None:
             raise ValueError("model.engram.reset_at_doc_boundary needs the dataset's eod_token_id")
         segment_ids = segment_ids_from_eod(input_ids, eod_token_id)
-    compressed = addresser.compress(input_ids)
-    return {layer: ngram_hash(compressed, getattr(addresser, f"multipliers_{layer}"),
-                              getattr(addresser, f"head_sizes_{layer}"), addresser.max_ngram,
-                              addresser.num_heads, addresser.pad_id, segment_ids)
-            for layer in addresser.layers}
+    return addresser.row_ids(input_ids, segment_ids)
 
 
 def compression_map_for(cfg: RunConfig, dataset: DatasetDir | None) -> CompressionMap | None:
