@@ -33,10 +33,10 @@ void check_index_dtype(const at::Tensor& t, const char* name) {
 // Rows are read in random order (hashed ids), which hardware prefetchers cannot predict: request the
 // row kPrefetchAhead iterations ahead (at most kPrefetchBytes of it).
 constexpr int64_t kPrefetchAhead = 8;
+constexpr int64_t kPrefetchBytes = 1024;
 // Rows per OpenMP work item: dynamic scheduling keeps a descheduled thread (shared machines) from
 // stalling the whole loop; results do not depend on the schedule (rows are independent).
 constexpr int64_t kChunk = 256;
-constexpr int64_t kPrefetchBytes = 1024;
 
 inline void prefetch_row(const void* row, int64_t bytes, bool write = false) {
   const char* p = static_cast<const char*>(row);
