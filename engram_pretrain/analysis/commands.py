@@ -48,7 +48,8 @@ def _seq_len(models: Sequence[Any], requested: int | None) -> int:
     if requested is None:
         return min(DEFAULT_SEQ_LEN_CAP, limit)
     if requested > limit:
-        raise ValueError(f"--seq-len {requested} exceeds a model's max_seq_len {limit}")
+        raise ValueError(f"sequence length {requested} exceeds a model's max_seq_len {limit}; pass a smaller "
+                         "--seq-len")
     return requested
 
 
@@ -155,11 +156,10 @@ def logit_lens_analysis(paths: Sequence[str | Path], data: str | Path, out_dir: 
     names = _unique_labels(paths, labels)
     select = TokenSelection(tokens.positions, tokens.seed)
     results: dict[str, Any] = {}
-    seq_lens = {}
+    seq_len = tokens.seq_len
     for path, name in zip(paths, names, strict=True):
         model = load_model(path, dataset).to(dev)
-        seq_len = _seq_len([model], tokens.seq_len)
-        seq_lens[name] = seq_len
+        seq_len = _seq_len([model], seq_len)  # fixed by the first model: every model reads the same tokens
         layers = layer_ids(model, include_embedding)
         lens = LogitLens.from_model(model, len(layers), chunk_tokens)
         for b, ids in enumerate(validation_batches(dataset, seq_len, tokens.batch_size, tokens.batches,
@@ -170,7 +170,7 @@ def logit_lens_analysis(paths: Sequence[str | Path], data: str | Path, out_dir: 
         results[name] = {"path": str(path), "layers": layers, "kl_forward": r["kl_forward"].tolist(),
                          "kl_reverse": r["kl_reverse"].tolist(), "tokens": lens.num_tokens}
         del model, lens
-    extra = {"data": str(data), "split": tokens.split, "seq_len": seq_lens, "batch_size": tokens.batch_size,
+    extra = {"data": str(data), "split": tokens.split, "seq_len": seq_len, "batch_size": tokens.batch_size,
              "positions_per_sequence": tokens.positions, "seed": tokens.seed,
              "stream_collapse": "learned head collapse", "models": results}
     plot_logit_lens(results, out_dir, extra=extra)

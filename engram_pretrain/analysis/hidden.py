@@ -42,12 +42,19 @@ def resolve_checkpoint(path: str | Path) -> Path | None:
 def checkpoint_state_dict(step_dir: str | Path) -> dict[str, torch.Tensor]:
     """Full fp32 state dict of a training checkpoint, tables included (`blocks.<L>.engram.table.weight`).
 
-    ZeRO stages 1-3: the fp32 master weights reconstructed by DeepSpeed's `zero_to_fp32` from the optimizer
-    partitions; stage 0: the engine's module state. Engram tables come from `tables.pt`.
+    Backbone: with ZeRO stages 1-3, the fp32 master weights reconstructed by DeepSpeed's `zero_to_fp32` from
+    the optimizer partitions; with stage 0 or expert parallelism, the engine's module file (its compute
+    dtype), the routed experts then replaced by the fp32 shards of `experts/ep_rank_<r>.pt` concatenated in
+    expert order. Engram tables: the `tables/` row-range files (format 2) or `tables.pt` (format 1).
     """
+    from ..parallel.expert_parallel import EXPERTS_DIR
+    from ..train.table_checkpoint import TABLES_DIR, read_full_tables
+
     step_dir = Path(step_dir)
     trainer = json.loads((step_dir / "trainer.json").read_text())
-    if int(trainer.get("zero_stage", 0)) > 0:
+    experts_dir = step_dir / EXPERTS_DIR
+    expert_parallel = (experts_dir / "meta.json").is_file()
+    if int(trainer.get("zero_stage", 0)) > 0 and not expert_parallel:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         from ..train.checkpoint import DS_TAG
@@ -58,26 +65,37 @@ def checkpoint_state_dict(step_dir: str | Path) -> dict[str, torch.Tensor]:
         if not files:
             raise ValueError(f"{step_dir}/ds: no mp_rank_*_model_states.pt (not a DeepSpeed checkpoint)")
         state = dict(torch.load(files[0], map_location="cpu", weights_only=False)["module"])
+    if expert_parallel:
+        shards = [torch.load(f, map_location="cpu", weights_only=True)
+                  for f in sorted(experts_dir.glob("ep_rank_*.pt"))]
+        shards.sort(key=lambda sh: sh["expert_range"][0])
+        for name in json.loads((experts_dir / "meta.json").read_text())["weights"]:
+            state[name] = torch.cat([sh["weights"][name] for sh in shards])
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    tables_file = step_dir / "tables.pt"
-    if tables_file.is_file():
-        for layer, weight in torch.load(tables_file, map_location="cpu", weights_only=True).items():
-            state[f"blocks.{int(layer)}.engram.table.weight"] = weight.float()
+    if (step_dir / TABLES_DIR).is_dir():  # row-range files of replicated or sharded tables, assembled whole
+        tables = read_full_tables(step_dir / TABLES_DIR)
+    elif (step_dir / "tables.pt").is_file():
+        tables = torch.load(step_dir / "tables.pt", map_location="cpu", weights_only=True)
+    else:
+        tables = {}
+    for layer, weight in tables.items():
+        state[f"blocks.{int(layer)}.engram.table.weight"] = weight.float()
     return state
 
 
 def load_checkpoint_model(step_dir: str | Path, dataset: DatasetDir | None = None) -> EngramMoEModel:
     """The model of a training checkpoint (`step_<N>/`) with local Engram tables, on the CPU, fp32.
 
-    The addressing is rebuilt from the run config and, when the model hashes compressed ids, `dataset`'s
-    compression map; the checkpoint's own addresser buffers are then loaded over it (and checked against the
-    dataset by `check_compatible`).
+    Only the `model` section of the checkpoint's `config.yaml` is read. The addressing is rebuilt from it
+    and, when the model hashes compressed ids, `dataset`'s compression map; the checkpoint's own addresser
+    buffers are then loaded over it (and checked against the dataset by `check_compatible`).
     """
-    from ..config import load_config
+    from ..config import from_dict, read_yaml_tree
     from ..memory.addressing import build_addressing
+    from ..model.config import ModelConfig
 
     step_dir = Path(step_dir)
-    cfg = load_config(step_dir / "config.yaml").model
+    cfg = from_dict(ModelConfig, read_yaml_tree(step_dir / "config.yaml").get("model", {}), "model.")
     addressing = None
     if cfg.engram.layers:
         compression = None
@@ -89,6 +107,12 @@ def load_checkpoint_model(step_dir: str | Path, dataset: DatasetDir | None = Non
         addressing = build_addressing(cfg, compression)
     model = EngramMoEModel(cfg, addressing)
     model.load_state_dict(checkpoint_state_dict(step_dir))
+    buffers = step_dir / "buffers.pt"
+    if buffers.is_file():  # the trainer restores the router biases from here too
+        biases = torch.load(buffers, map_location="cpu", weights_only=True)["moe_expert_bias"]
+        with torch.no_grad():
+            for moe, bias in zip(model.moe_layers(), biases, strict=True):
+                moe.router.expert_bias.copy_(bias)
     return model
 
 

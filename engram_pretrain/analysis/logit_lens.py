@@ -63,8 +63,8 @@ class LogitLens:
             for layer, h in enumerate(hidden):
                 lp = final if layer == len(hidden) - 1 else self.log_probs(h[sl])
                 diff = final - lp  # [c, V] log p_L - log p_l
-                fwd.append((p_final * diff).sum(dtype=torch.float64))
-                rev.append((lp.exp() * -diff).sum(dtype=torch.float64))
+                fwd.append((p_final * diff).sum(-1).sum(dtype=torch.float64))  # fp32 per token, fp64 total
+                rev.append((lp.exp() * -diff).sum(-1).sum(dtype=torch.float64))
             self._forward += torch.stack(fwd).cpu().numpy()
             self._reverse += torch.stack(rev).cpu().numpy()
         self.num_tokens += n

@@ -91,6 +91,8 @@ def plot_layer_curves(curves: Mapping[str, tuple[Sequence[int], Sequence[float]]
     png = Path(out_png)
     png.parent.mkdir(parents=True, exist_ok=True)
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, (layers, values) in curves.items():
         if len(layers) != len(values):
@@ -98,6 +100,7 @@ def plot_layer_curves(curves: Mapping[str, tuple[Sequence[int], Sequence[float]]
         ax.plot(list(layers), list(values), "o-", ms=3, label=label)
     if log_y:
         ax.set_yscale("symlog", linthresh=1e-3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel(ylabel)
     if title:
