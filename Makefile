@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CLI := $(PY) -m engram_pretrain.cli
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all lint docs params clean
+.PHONY: setup demo test test-all lint docs params clean export
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -64,6 +64,11 @@ data: setup  ## tokenize + shard CORPUS into OUT (default corpus, BPE vocab 4096
 
 tokenizer: setup  ## train (bpe) or install TOKENIZER into OUT/tokenizer with its Engram compression map
 	$(PY) -m data_prep tokenizer $(CORPUS) --out $(OUT) --tokenizer $(TOKENIZER) --vocab-size $(VOCAB)
+
+CHECKPOINT ?= runs/demo
+EXPORT_OUT ?= runs/demo/hf
+export: setup  ## export CHECKPOINT (run dir, checkpoint dir or step dir) as a Hugging Face folder EXPORT_OUT
+	$(CLI) export $(CHECKPOINT) $(EXPORT_OUT) $(EXPORT_ARGS)
 
 lint: setup
 	$(PY) -m ruff check .

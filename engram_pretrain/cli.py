@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_commands(sub)  # launch (one machine), submit (SLURM)
     from .analysis.commands import add_commands as add_analysis_commands
     add_analysis_commands(sub)  # analyze cka, analyze logit-lens
+    from .export.commands import add_commands as add_export_commands
+
+    add_export_commands(sub)  # export <checkpoint> <out_dir>
+    from .experiments.commands import add_commands as add_experiment_commands
+    add_experiment_commands(sub)  # experiment ablation, experiment allocation
     return parser
 
 
@@ -121,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as err:  # user errors: bad paths, incompatible inputs
+        print(f"error: {err}", file=sys.stderr)
         return 2
 
 
