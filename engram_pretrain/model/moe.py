@@ -113,25 +113,40 @@ class Router(nn.Module):
 class GroupedExperts(nn.Module):
     """`num_experts` SwiGLU experts stored as 3-D tensors: w1, w3 [E, dim, hidden], w2 [E, hidden, dim].
 
-    `expert_offset` is the global index of local expert 0 (0 here; an expert-parallel shard holds the
-    global experts [expert_offset, expert_offset + num_experts)).
+    `expert_offset` is the global index of local expert 0: an expert-parallel shard holds the global experts
+    [expert_offset, expert_offset + num_experts) of `num_global_experts` (default: all experts are local).
+
+    Initialisation draws every global expert in order (w1 of experts 0..E-1, then w3, then w2) and keeps the
+    local ones, so a shard holds exactly the slice of the unsharded initialisation and the RNG stream after
+    it is the same for every expert-parallel size.
     """
 
-    def __init__(self, dim: int, hidden: int, num_experts: int, init_std: float) -> None:
+    def __init__(self, dim: int, hidden: int, num_experts: int, init_std: float, expert_offset: int = 0,
+                 num_global_experts: int | None = None) -> None:
         super().__init__()
+        total = num_experts if num_global_experts is None else num_global_experts
+        if num_experts < 1 or expert_offset < 0 or expert_offset + num_experts > total:
+            raise ValueError(f"local experts [{expert_offset}, {expert_offset + num_experts}) do not fit in "
+                             f"{total} global experts")
         self.dim = dim
         self.hidden = hidden
         self.num_experts = num_experts
-        self.expert_offset = 0
+        self.num_global_experts = total
+        self.expert_offset = expert_offset
         self.init_std = init_std
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))  # gate
         self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))  # up
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))  # down
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
         for w in (self.w1, self.w3, self.w2):
-            nn.init.normal_(w, mean=0.0, std=self.init_std)
+            scratch = torch.empty_like(w[0])
+            for e in range(self.num_global_experts):
+                local = e - self.expert_offset
+                target = w[local] if 0 <= local < self.num_experts else scratch
+                nn.init.normal_(target, mean=0.0, std=self.init_std)
 
     def forward_expert(self, e: int, x: Tensor) -> Tensor:
         """Local expert `e` (0-based within this module) on `x: [n, dim] -> [n, dim]`."""
@@ -141,6 +156,10 @@ class GroupedExperts(nn.Module):
 class ExpertDispatcher(Protocol):
     """Sends token slots to the experts and combines their weighted outputs (dropless)."""
 
+    def local_experts(self, num_experts: int) -> tuple[int, int]:
+        """(count, global index of the first) of the routed experts this rank holds, of `num_experts`."""
+        ...
+
     def __call__(self, x: Tensor, topk_idx: Tensor, topk_weight: Tensor, experts: GroupedExperts) -> Tensor:
         """x: [N, D], topk_idx: [N, K] global expert ids, topk_weight: [N, K] -> [N, D] in x's dtype."""
         ...
@@ -149,6 +168,9 @@ class ExpertDispatcher(Protocol):
 class LocalExpertDispatcher:
     """All experts on this rank: sort the N*K token slots by expert, run each expert on its contiguous
     block (experts without tokens are skipped), weight the outputs and scatter-add them back per token."""
+
+    def local_experts(self, num_experts: int) -> tuple[int, int]:
+        return num_experts, 0
 
     def __call__(self, x: Tensor, topk_idx: Tensor, topk_weight: Tensor, experts: GroupedExperts) -> Tensor:
         if experts.expert_offset != 0:
@@ -184,7 +206,9 @@ class MoE(nn.Module):
 
     Bookkeeping for the loss-free balancing:
     - `load_accum` [E] (fp32, non-persistent buffer): routed assignments per expert (each token counts K
-      times), accumulated over forward calls in training mode until `update_bias`.
+      times), accumulated over forward calls in training mode until `update_bias`. Counted at the router
+      over this rank's tokens and all E global experts, also when the dispatcher holds only a share of the
+      experts (expert parallelism): summing it over all ranks gives the global-batch load.
     - `last_load` [E]: the counts of the last forward (any mode), for metrics.
     - `aux_loss`: the sequence-wise balance loss of the last forward (BACKBONE §2.4), or None when
       `seq_aux_loss_coef == 0` or not training. The trainer adds it to the LM loss.
@@ -202,12 +226,15 @@ class MoE(nn.Module):
         self.top_k = cfg.top_k
         self.bias_update_rate = cfg.bias_update_rate
         self.seq_aux_loss_coef = cfg.seq_aux_loss_coef
+        self.dispatcher: ExpertDispatcher = dispatcher if dispatcher is not None else LocalExpertDispatcher()
         self.router = Router(dim, cfg, init_std)
-        self.experts = GroupedExperts(dim, cfg.expert_dim, cfg.num_routed_experts, init_std)
+        # the router scores all (global) experts; this rank holds the dispatcher's share of them
+        num_local, offset = self.dispatcher.local_experts(cfg.num_routed_experts)
+        self.experts = GroupedExperts(dim, cfg.expert_dim, num_local, init_std, expert_offset=offset,
+                                      num_global_experts=cfg.num_routed_experts)
         self.shared_experts: SwiGLU | None = None
         if cfg.num_shared_experts > 0:
             self.shared_experts = SwiGLU(dim, cfg.num_shared_experts * cfg.expert_dim, init_std)
-        self.dispatcher: ExpertDispatcher = dispatcher if dispatcher is not None else LocalExpertDispatcher()
         self.load_accum: Tensor
         accum = torch.zeros(self.num_experts, dtype=torch.float32)
         self.register_buffer("load_accum", accum, persistent=False)

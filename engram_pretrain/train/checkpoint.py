@@ -4,9 +4,13 @@ Layout of one checkpoint (`<ckpt_dir>/step_<N>/`):
 
     ds/                      DeepSpeed `engine.save_checkpoint(tag="ds")`: module weights and buffers (MoE
                              router biases included), ZeRO optimizer partitions (one file per rank)
-    tables.pt                Engram table weights {layer: [rows, dim]} (replicated: written by rank 0)
-    table_optim.pt           RowSparseAdam state of the tables (replicated: rank 0)
+    tables/                  Engram tables with their RowSparseAdam state, one file per row range:
+                             table_<layer>_rows_<start>_<end>.pt (replicated: rank 0 writes [0, rows);
+                             sharded: every rank its shard); reloads under any world size and layout
+                             (`table_checkpoint`)
     buffers.pt               MoE router biases [E] per MoE layer (also inside ds/; restored from here too)
+    experts/                 (parallel.ep_size > 1) routed expert weights, ep_rank_<r>.pt per EP rank with its
+                             global expert range, and meta.json (docs/expert_parallel.md)
     rng/rank_<r>.pt          python / numpy / torch (/ CUDA) RNG states of every rank
     trainer.json             step, data-loader position, counters, world size, ZeRO stage
     config.yaml              the resolved run config
@@ -36,6 +40,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import RunConfig, dump_config
+from ..parallel.expert_parallel import check_expert_checkpoint
+from .table_checkpoint import TABLES_DIR, load_table_shards, save_table_shards
 
 if TYPE_CHECKING:
     from .engine import TrainComponents
@@ -47,7 +53,8 @@ TMP_SUFFIX = ".tmp"
 COMPLETE = "complete"
 LATEST = "latest"
 DS_TAG = "ds"
-FORMAT = 1
+FORMAT = 2
+"""1: tables.pt + table_optim.pt (replicated only); 2: tables/ row-range files."""
 
 
 def step_dir_name(step: int) -> str:
@@ -185,6 +192,7 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             tmp.mkdir()
             (tmp / "rng").mkdir()
+            (tmp / TABLES_DIR).mkdir()
         _barrier()
         c.engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={}, save_latest=False)
         self._write_state(c, tmp, step, trainer_state)
@@ -202,14 +210,14 @@ class Checkpointer:
         return SaveReport(final, step, time.perf_counter() - start, num_bytes)
 
     def _write_state(self, c: TrainComponents, tmp: Path, step: int, trainer_state: dict[str, Any]) -> None:
-        """Everything besides DeepSpeed's files: RNG of every rank; tables, optimizer, counters on rank 0."""
+        """Everything besides DeepSpeed's files: RNG of every rank; table rows (+ their optimizer state) of
+        every rank that writes some; buffers, counters and config on rank 0."""
         torch.save(rng_state(), tmp / "rng" / f"rank_{self.rank:05d}.pt")
+        save_table_shards(c.tables, c.table_optimizer, tmp / TABLES_DIR, self.rank)
+        if c.expert_parallel is not None:  # collective: experts/ep_rank_<r>.pt per EP rank
+            c.expert_parallel.save(c.model, tmp)
         if self.rank != 0:
             return
-        tables = {layer: c.tables.weight(layer).detach().cpu() for layer in c.tables.layers()}
-        torch.save(tables, tmp / "tables.pt")
-        if c.table_optimizer is not None:
-            torch.save(c.table_optimizer.state_dict(), tmp / "table_optim.pt")
         biases = [m.router.expert_bias.detach().cpu().clone() for m in c.model.moe_layers()]
         torch.save({"moe_expert_bias": biases}, tmp / "buffers.pt")
         state = {"format": FORMAT, "step": step, "world_size": self.world_size, "zero_stage": c.zero_stage,
@@ -235,30 +243,20 @@ class Checkpointer:
             raise ValueError(f"{path} is not a complete checkpoint (no '{COMPLETE}' marker)")
         state = json.loads((path / "trainer.json").read_text())
         if state.get("format") != FORMAT:
-            raise ValueError(f"{path}/trainer.json has format {state.get('format')!r}, expected {FORMAT}")
+            raise ValueError(f"{path}/trainer.json has format {state.get('format')!r}, expected {FORMAT} "
+                             "(written by another version of engram-pretrain)")
         if state["world_size"] != self.world_size and c.zero_stage > 0:
             raise ValueError(f"{path} was written by {state['world_size']} ranks with ZeRO stage "
                              f"{state['zero_stage']}; resuming on {self.world_size} ranks is not supported "
                              "yet (relaunch with the original world size)")
+        check_expert_checkpoint(path, c.cfg.parallel.ep_size)
         load_path, _ = c.engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
                                                 load_lr_scheduler_states=False, load_module_strict=True)
         if load_path is None:
             raise ValueError(f"DeepSpeed found no engine state in {path / DS_TAG}")
-        device = c.engine.device
-        tables = torch.load(path / "tables.pt", map_location=device, weights_only=True)
-        if sorted(tables) != c.tables.layers():
-            raise ValueError(f"{path}/tables.pt holds layers {sorted(tables)}, the model has "
-                             f"{c.tables.layers()}")
-        with torch.no_grad():
-            for layer, weight in tables.items():
-                target = c.tables.weight(layer)
-                if target.shape != weight.shape:
-                    raise ValueError(f"{path}/tables.pt: layer {layer} table is {tuple(weight.shape)}, the "
-                                     f"model's is {tuple(target.shape)}")
-                target.copy_(weight)
-        if c.table_optimizer is not None:
-            c.table_optimizer.load_state_dict(torch.load(path / "table_optim.pt", map_location=device,
-                                                         weights_only=False))
+        if c.expert_parallel is not None:
+            c.expert_parallel.load(c.model, path)
+        load_table_shards(c.tables, c.table_optimizer, path / TABLES_DIR)  # this rank's rows, any layout
         biases = torch.load(path / "buffers.pt", map_location="cpu", weights_only=True)["moe_expert_bias"]
         with torch.no_grad():
             for moe, bias in zip(c.model.moe_layers(), biases, strict=True):

@@ -7,7 +7,10 @@ given; a row-sparse table must not go through any of that. So the tables live in
 `StoreTable` is a plain object (not an `nn.Module`), so `EngramModule` keeps it as an attribute and the
 table never appears in `model.parameters()`. Table gradients are sparse (`F.embedding(sparse=True)`)
 and are applied by `RowSparseAdam`, which exchanges the touched rows across the data-parallel ranks so
-every replica applies the same update.
+every replica applies the same update. `parallel.table_sharding: sharded` gives each rank a contiguous row
+range instead (`parallel.table_shard.ShardedTable`: lookups and row gradients travel by all-to-all, each
+rank steps its own rows) and `parallel.host_tables: true` keeps the rows and their Adam state in host
+memory with prefetch (`memory.tables`); see docs/parallelism.md.
 
 The backbone optimizer is a client `torch.optim.AdamW` over `param_groups_for(model, cfg.optimizer)`
 handed to `deepspeed.initialize` (no DeepSpeed scheduler: the trainer sets every group's LR each step).
@@ -33,6 +36,7 @@ from torch import nn
 from ..config import ConfigError, RunConfig
 from ..model.engram_hash import segment_ids_from_eod
 from ..model.transformer import EngramMoEModel
+from ..parallel.expert_parallel import ExpertParallel, setup_expert_parallel, split_expert_param_groups
 
 if TYPE_CHECKING:
     from ..data.dataset_dir import DatasetDir
@@ -193,24 +197,62 @@ def build_ds_config(cfg: RunConfig, world_size: int, use_cuda: bool | None = Non
 # ---------------------------------------------------------------------------- Engram tables
 
 class TableStore(nn.Module):
-    """Owns the Engram table parameters (one [num_rows, dim] fp32 matrix per Engram layer), outside the
-    module that DeepSpeed wraps. `tables["<layer>"]`."""
+    """Owns this rank's Engram table rows (one fp32 matrix per Engram layer), outside the module that
+    DeepSpeed wraps. `tables["<layer>"]` is the parameter the table optimizer updates: the whole
+    [num_rows, dim] table (`replicated`) or this rank's contiguous row range of it (`sharded`, see
+    `parallel.table_shard`), on `device` or, with `host=True`, in (pinned) host memory. `views[layer]` is
+    the `EngramTable` handed to the model.
 
-    def __init__(self) -> None:
+    Tables are created directly where they live (never moved afterwards: do not call `.to()` on a store
+    with host tables) and initialised by `memory.tables.init_table_rows` from (seed, layer): any layout
+    (replicated, sharded over any world size, host or device) starts from the same table.
+    """
+
+    def __init__(self, sharding: str = "replicated", host: bool = False, device: torch.device | str = "cpu",
+                 group: Any | None = None, ops: Any | None = None, seed: int = 0) -> None:
         super().__init__()
+        if sharding not in ("replicated", "sharded"):
+            raise ValueError(f"table sharding '{sharding}' (expected replicated or sharded)")
         self.tables = nn.ParameterDict()
+        self.views: dict[int, Any] = {}
+        self.sharding = sharding
+        self.host = host
+        self.device = torch.device(device)
+        self.group = group
+        """Shard group of sharded tables (None: the world)."""
+        self.ops = ops
+        """Kernel ops (`kernels.get_ops`) for host-tier gathers and updates; None: torch indexing."""
+        self.seed = seed
+
+    @property
+    def sharded(self) -> bool:
+        return self.sharding == "sharded"
 
     def factory(self, init_std: float, sparse: bool = True) -> Any:
-        """A model `table_factory` that creates the table here and hands the model a `StoreTable` view."""
+        """A model `table_factory` that creates the table here and hands the model its `EngramTable` view:
+        `StoreTable` (replicated, device), `HostTable` (replicated, host) or `ShardedTable`."""
+        from ..memory.tables import HostTable, init_table_rows
+        from ..parallel.table_shard import ShardedTable
 
-        def make(layer_id: int, num_rows: int, dim: int) -> StoreTable:
+        def make(layer_id: int, num_rows: int, dim: int) -> Any:
             if num_rows <= 0 or dim <= 0:
                 raise ValueError(f"engram table of layer {layer_id}: num_rows={num_rows}, dim={dim} must be "
                                  "positive")
-            weight = nn.Parameter(torch.empty(num_rows, dim))
-            nn.init.normal_(weight, mean=0.0, std=init_std)
-            self.tables[str(layer_id)] = weight
-            return StoreTable(weight, sparse=sparse)
+
+            def init(start: int, end: int) -> torch.Tensor:
+                return init_table_rows(self.seed, layer_id, num_rows, dim, init_std, start, end)
+
+            table: Any
+            if self.sharded:
+                table = ShardedTable(num_rows, dim, init, device=self.device, group=self.group,
+                                     host=self.host, ops=self.ops if self.host else None)
+            elif self.host:
+                table = HostTable(num_rows, dim, self.device, init, ops=self.ops)
+            else:
+                table = StoreTable(nn.Parameter(init(0, num_rows).to(self.device)), sparse=sparse)
+            self.tables[str(layer_id)] = table.weight
+            self.views[layer_id] = table
+            return table
 
         return make
 
@@ -218,11 +260,48 @@ class TableStore(nn.Module):
         return sorted(int(k) for k in self.tables.keys())
 
     def weight(self, layer: int) -> nn.Parameter:
+        """This rank's rows of `layer`'s table (the optimizer's parameter)."""
         return self.tables[str(layer)]
+
+    def table(self, layer: int) -> Any:
+        """The `EngramTable` of `layer`."""
+        return self.views[layer]
+
+    def row_range(self, layer: int) -> tuple[int, int]:
+        """Global rows [start, end) of `layer` held by this rank."""
+        view = self.views[layer]
+        return (view.row_start, view.row_end) if self.sharded else (0, view.num_rows)
+
+    def writes_rows(self, layer: int, rank: int) -> bool:
+        """Whether `rank` writes its rows of `layer` to a checkpoint (each row is written exactly once)."""
+        start, end = self.row_range(layer)
+        return end > start if self.sharded else rank == 0
 
     @property
     def num_rows(self) -> int:
-        return sum(p.shape[0] for p in self.tables.values())
+        """Rows of all tables (whole tables, whatever this rank holds)."""
+        return sum(view.num_rows for view in self.views.values())
+
+    def full_weight(self, layer: int) -> torch.Tensor:
+        """The whole table of `layer` on the CPU; collective for sharded tables (export/consolidation)."""
+        if self.sharded:
+            from ..parallel.table_shard import gather_full_weight
+
+            return gather_full_weight(self.views[layer])
+        return self.weight(layer).detach().cpu().clone()
+
+    def prefetch(self, layer: int, flat_row_ids: torch.Tensor) -> None:
+        """Start gathering the rows a later lookup of `layer` with the same ids needs (host tier; collective
+        when sharded). No-op for device-resident tables."""
+        if self.host:
+            self.views[layer].prefetch(flat_row_ids)
+
+    def close(self) -> None:
+        """Stop the host tier's prefetch threads."""
+        for view in self.views.values():
+            close = getattr(view, "close", None)
+            if close is not None:
+                close()
 
 
 class StoreTable:
@@ -282,6 +361,7 @@ def build_backbone_optimizer(model: nn.Module, cfg: RunConfig,
     for g in groups:
         g.setdefault("lr", o.lr)
         g["base_lr"] = g["lr"]
+    groups = split_expert_param_groups(groups)  # expert-parallel params -> DeepSpeed MoE groups (EP > 1)
     betas = (o.betas[0], o.betas[1])
     if o.name == "muon":
         if ds_config["zero_optimization"]["stage"] != 0 or ds_config["bf16"]["enabled"]:
@@ -310,6 +390,8 @@ class TrainComponents:
     """`RowSparseAdam` over the tables (None without Engram)."""
     ds_config: dict[str, Any]
     eod_token_id: int | None = None
+    expert_parallel: ExpertParallel | None = None
+    """Expert-parallel groups and dispatcher (None when `parallel.ep_size` is 1)."""
 
     @property
     def zero_stage(self) -> int:
@@ -317,6 +399,18 @@ class TrainComponents:
 
     def row_ids(self, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
         return engram_row_ids(self.model, input_ids, self.eod_token_id)
+
+    @property
+    def prefetches_tables(self) -> bool:
+        """Whether `prefetch_tables` does anything (host-resident tables)."""
+        return self.tables.host and bool(self.tables.views)
+
+    def prefetch_tables(self, row_ids: dict[int, torch.Tensor]) -> None:
+        """Start gathering the table rows of a later micro-batch with these row ids (from `row_ids`); the
+        lookups of that micro-batch then overlap with the compute before them. Collective when sharded."""
+        for block in self.model.blocks:
+            if block.engram is not None and block.layer_id in row_ids:
+                self.tables.prefetch(block.layer_id, row_ids[block.layer_id] + block.engram.head_offsets)
 
 
 def engram_row_ids(model: EngramMoEModel, input_ids: torch.Tensor,
@@ -346,28 +440,73 @@ def compression_map_for(cfg: RunConfig, dataset: DatasetDir | None) -> Compressi
     return dataset.compression_map()
 
 
-def build_model(cfg: RunConfig, compression: CompressionMap | None) -> tuple[EngramMoEModel, TableStore]:
-    """The model with its tables in a separate `TableStore` (seeded: identical on every rank)."""
+def build_model(cfg: RunConfig, compression: CompressionMap | None,
+                expert_parallel: ExpertParallel | None = None, device: torch.device | str = "cpu",
+                table_group: Any | None = None) -> tuple[EngramMoEModel, TableStore]:
+    """The model with its tables in a separate `TableStore` (seeded: identical on every rank; with expert
+    parallelism each rank holds its slice of the same routed experts)."""
     from ..memory.addressing import build_addressing
 
     seed_everything(cfg.train.seed)
-    store = TableStore()
+    store = table_store_for(cfg, device, table_group)
     addressing = build_addressing(cfg.model, compression) if cfg.model.engram.layers else None
     model = EngramMoEModel(cfg.model, addressing,
+                           dispatcher=expert_parallel.dispatcher if expert_parallel is not None else None,
                            table_factory=store.factory(cfg.model.engram.table_init_std, sparse=True))
+    if expert_parallel is not None:
+        expert_parallel.prepare_model(model)
     return model, store
 
 
+def table_store_for(cfg: RunConfig, device: torch.device | str = "cpu",
+                    table_group: Any | None = None) -> TableStore:
+    """The `TableStore` of `cfg.parallel` (table_sharding, host_tables, kernel_backend for the host tier)."""
+    p = cfg.parallel
+    if p.table_sharding == "sharded" and cfg.model.engram.layers and not dist.is_initialized():
+        raise ConfigError("parallel.table_sharding=sharded needs torch.distributed (launch through the "
+                          "trainer, torchrun or srun)")
+    ops = None
+    if p.host_tables:
+        from ..kernels import get_ops
+
+        ops = get_ops(p.kernel_backend)
+    return TableStore(sharding=p.table_sharding, host=p.host_tables, device=device, group=table_group,
+                      ops=ops, seed=cfg.train.seed)
+
+
+def table_process_group(cfg: RunConfig) -> Any | None:
+    """Collective on every rank: the shard group of sharded tables, a group of its own over the whole world
+    so the tables' all-to-alls never interleave with DeepSpeed's reductions on one communicator (None when
+    the tables are replicated)."""
+    if cfg.parallel.table_sharding != "sharded" or not cfg.model.engram.layers:
+        return None
+    return dist.new_group(ranks=list(range(dist.get_world_size())))
+
+
 def build_table_optimizer(store: TableStore, cfg: RunConfig) -> Any | None:
-    """Row-sparse Adam of the tables: lr x engram_lr_multiplier, engram_weight_decay (paper: 0)."""
+    """Row-sparse Adam of the tables: lr x engram_lr_multiplier, engram_weight_decay (paper: 0).
+
+    Replicated tables average the row gradients over the data-parallel ranks (`grad_sync="mean"`); sharded
+    tables already received them on the owner (`ShardedTable` divides by the world: the same mean), so each
+    rank steps its own rows (`"none"`). Host tables are stepped by `HostRowSparseAdam` (kernels' sparse
+    Adam on the host); replicated host tables exchange their row gradients over a gloo group under NCCL.
+    Collective (may create a process group)."""
     if not store.tables:
         return None
     from ..memory.sparse_optim import RowSparseAdam
+    from ..memory.tables import HostRowSparseAdam
 
     o = cfg.optimizer
-    return RowSparseAdam(list(store.tables.values()), lr=o.lr * o.engram_lr_multiplier,
-                         betas=(o.betas[0], o.betas[1]), eps=o.eps, weight_decay=o.engram_weight_decay,
-                         process_group=None)
+    params = list(store.tables.values())
+    kwargs: dict[str, Any] = dict(lr=o.lr * o.engram_lr_multiplier, betas=(o.betas[0], o.betas[1]), eps=o.eps,
+                                  weight_decay=o.engram_weight_decay,
+                                  grad_sync="none" if store.sharded else "mean")
+    if not store.host:
+        return RowSparseAdam(params, process_group=None, **kwargs)
+    group = None
+    if not store.sharded and dist.is_initialized() and dist.get_backend() == "nccl":
+        group = dist.new_group(ranks=list(range(dist.get_world_size())), backend="gloo")
+    return HostRowSparseAdam(params, ops=store.ops, process_group=group, **kwargs)
 
 
 def build_components(cfg: RunConfig, info: DistInfo, dataset: DatasetDir | None) -> TrainComponents:
@@ -377,34 +516,29 @@ def build_components(cfg: RunConfig, info: DistInfo, dataset: DatasetDir | None)
     quiet_deepspeed()
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
-    if cfg.parallel.ep_size != 1:
-        raise ConfigError("parallel.ep_size > 1 (expert parallelism) is not supported by the trainer yet")
-    if cfg.parallel.table_sharding != "replicated" or cfg.parallel.host_tables:
-        raise ConfigError("parallel.table_sharding=sharded / parallel.host_tables are not supported by the "
-                          "trainer yet; use replicated tables")
     if cfg.data.engram_sidecar and info.rank == 0:
         logger.warning("data.engram_sidecar: the trainer hashes row ids on device (bit-identical to the "
                        "sidecar); precomputed rows are not read yet")
     ds_config = build_ds_config(cfg, info.world_size, use_cuda=info.device.type == "cuda")
-    model, store = build_model(cfg, compression_map_for(cfg, dataset))
+    zero_stage = int(ds_config["zero_optimization"]["stage"])
+    expert_parallel = setup_expert_parallel(cfg, info.world_size, zero_stage)  # None when ep_size == 1
+    model, store = build_model(cfg, compression_map_for(cfg, dataset), expert_parallel, device=info.device,
+                               table_group=table_process_group(cfg))
     optimizer = build_backbone_optimizer(model, cfg, ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            dist_init_required=False)
-    store.to(engine.device)
     if ds_config["bf16"]["enabled"]:
-        for module in model.modules():
-            table = getattr(module, "table", None)
-            if isinstance(table, StoreTable):
-                table.compute_dtype = torch.bfloat16
-    if info.world_size > 1:
-        for p in store.parameters():  # replicas start identical even if a rank's RNG drifted
+        for table in store.views.values():
+            table.compute_dtype = torch.bfloat16
+    if info.world_size > 1 and not store.sharded and not store.host:
+        for p in store.parameters():  # replicas start identical (the init is seeded; this guards drift)
             dist.broadcast(p.data, src=0)
     eod = cfg.data.eod_token_id
     if eod is None and dataset is not None:
         eod = dataset.eod_token_id
     return TrainComponents(cfg=cfg, dist=info, engine=engine, model=engine.module, tables=store,
                            table_optimizer=build_table_optimizer(store, cfg), ds_config=ds_config,
-                           eod_token_id=eod)
+                           eod_token_id=eod, expert_parallel=expert_parallel)
 
 
 def set_learning_rates(c: TrainComponents, multiplier: float) -> tuple[float, float]:
@@ -419,12 +553,16 @@ def set_learning_rates(c: TrainComponents, multiplier: float) -> tuple[float, fl
 
 def consolidated_state_dict(c: TrainComponents) -> dict[str, torch.Tensor]:
     """Full CPU state dict of the model *with* its tables under `blocks.<L>.engram.table.weight` (the names of
-    a model built with `LocalEngramTable`s). Collective under ZeRO-3 (parameters are gathered)."""
+    a model built with `LocalEngramTable`s). Collective under ZeRO-3 (parameters are gathered), with
+    expert parallelism (all routed experts gathered over the EP group) and with sharded tables (every rank
+    gets the whole tables)."""
     import deepspeed
 
     params = list(c.model.parameters())
     with deepspeed.zero.GatheredParameters(params, enabled=c.zero_stage == 3):
         state = {k: v.detach().cpu().clone() for k, v in c.model.state_dict().items()}
+    if c.expert_parallel is not None:
+        state.update(c.expert_parallel.full_expert_state(c.model))
     for layer in c.tables.layers():
-        state[f"blocks.{layer}.engram.table.weight"] = c.tables.weight(layer).detach().cpu().clone()
+        state[f"blocks.{layer}.engram.table.weight"] = c.tables.full_weight(layer)
     return state

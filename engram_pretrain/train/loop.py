@@ -5,6 +5,7 @@ One optimizer step:
 1. set every group's LR from `lr_multiplier(step)` (tables: x `engram_lr_multiplier`);
 2. for each of `grad_accum_steps` micro-batches: Engram row ids from the batch, `engine(...)`,
    `engine.backward(loss)`, `engine.step()` (DeepSpeed steps the backbone at the accumulation boundary);
+   with host-resident tables the next micro-batch's rows are prefetched during the current one;
 3. one all-reduce of [loss, non-finite flag, stop flag, per-expert loads] over the world;
 4. if the step was applied: `RowSparseAdam.step` on the tables (rows exchanged across ranks) and the
    loss-free bias update from the global-batch loads; otherwise discard the table gradients and loads.
@@ -205,11 +206,15 @@ class Trainer:
         skipped_before = engine.skipped_steps
         loss_sum = torch.zeros((), dtype=torch.float64)
         nonfinite = 0
-        for _ in range(cfg.train.grad_accum_steps):
-            batch = next(self.train_batches)
+        micro = [next(self.train_batches) for _ in range(cfg.train.grad_accum_steps)]
+        ahead = self._prefetch(micro[0]) if c.prefetches_tables else None
+        for i, batch in enumerate(micro):
             input_ids = batch["input_ids"].to(device)  # [B, T]
             labels = batch["labels"].to(device)  # [B, T]
-            out = engine(input_ids, labels=labels, engram_row_ids=c.row_ids(input_ids))
+            row_ids = ahead if ahead is not None else c.row_ids(input_ids)
+            # host tables: the next micro-batch's rows are gathered in the background during this one
+            ahead = self._prefetch(micro[i + 1]) if c.prefetches_tables and i + 1 < len(micro) else None
+            out = engine(input_ids, labels=labels, engram_row_ids=row_ids)
             loss = out.loss
             if not bool(torch.isfinite(loss)):
                 nonfinite += 1
@@ -244,6 +249,12 @@ class Trainer:
         return StepStats(loss=mean_loss if not skipped else float("nan"), skipped=skipped,
                          stop=bool(packed[2] > 0), grad_norm=norm, lr=lr, table_lr=table_lr,
                          seconds=time.perf_counter() - start, loads=loads, rows_touched=rows_touched)
+
+    def _prefetch(self, batch: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Row ids of `batch`, whose table rows start gathering now (host tables; collective if sharded)."""
+        row_ids = self.c.row_ids(batch["input_ids"].to(self.c.engine.device))
+        self.c.prefetch_tables(row_ids)
+        return row_ids
 
     def _rows_touched(self) -> dict[int, int]:
         """Distinct table rows with a gradient on this rank in the current step, per Engram layer."""

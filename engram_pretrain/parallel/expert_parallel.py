@@ -1,0 +1,335 @@
+"""Expert parallelism: the routed experts of every MoE layer split over an expert-parallel (EP) group.
+
+Forward of one MoE layer on EP rank r (E experts, ep ranks, E_l = E / ep local experts each):
+
+1. the router (replicated, like the shared experts) picks K global expert ids per token; the loads for the
+   loss-free bias are counted there, over all E experts (`MoE.load_accum`);
+2. the N*K token slots are sorted by expert id, which groups them by destination rank;
+3. per-expert slot counts [E] are exchanged with an even `all_to_all_single` (E_l counts per peer), so
+   every rank knows how many rows it receives from each peer for each local expert;
+4. the slot rows are exchanged with an uneven `all_to_all_single` (dispatch), regrouped by local expert,
+   run through the local experts, put back in arrival order and returned with the reverse uneven
+   all-to-all (combine);
+5. the routing weights are applied **after** the combine, on the token's own rank: they never travel, and
+   their gradient (and the router's) stays local. out[t] = sum_k w[t, k] * expert_{idx[t, k]}(x[t]), the
+   same sum as `LocalExpertDispatcher`.
+
+Dropless: every slot is computed, whatever the imbalance. Every rank takes part in both collectives of
+every layer, also when it has no token at all or its experts receive none, and every local expert runs
+(on zero rows if need be), so the expert weights always get a gradient (zeros when unused) and DeepSpeed's
+gradient hooks fire on every rank: nothing waits on an absent peer. The all-to-alls are an autograd
+function whose backward is the reverse all-to-all with the splits swapped.
+
+Training integration (`ExpertParallel`, built by `setup_expert_parallel`): DeepSpeed's own expert groups
+(`parallel.groups`); routed expert parameters tagged `allreduce = False`, `group_name = "ep_size_<ep>"`,
+the optimizer groups split with DeepSpeed's `split_params_into_different_moe_groups_for_optimizer`, and a
+parameter-free DeepSpeed `MoE` marker attached to the model so the engine switches on its MoE path: expert
+gradients reduced (ZeRO 1/2: reduce-scattered and partitioned) over the expert-data-parallel group only,
+averaged by the whole data-parallel world (each expert's gradient already sums the tokens of the whole EP
+group), the global gradient norm combined over all experts. Expert weights are checkpointed here, one file
+per EP rank with global expert ranges (`save` / `load`); DeepSpeed writes the ZeRO partitions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .groups import ExpertParallelGroups
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
+    from ..model.moe import GroupedExperts
+    from ..model.transformer import EngramMoEModel
+
+logger = logging.getLogger(__name__)
+
+EXPERTS_DIR = "experts"
+"""Checkpoint subdirectory with the expert shards (`ep_rank_<r>.pt`) and `meta.json`."""
+EXPERT_WEIGHTS = ("w1", "w3", "w2")
+
+
+# ---------------------------------------------------------------------------- differentiable all-to-all
+
+class _AllToAll(torch.autograd.Function):
+    """Uneven `all_to_all_single` along dim 0; backward: the reverse exchange of the gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, output_splits: list[int], input_splits: list[int], group: Any) -> Tensor:
+        ctx.output_splits, ctx.input_splits, ctx.group = output_splits, input_splits, group
+        out = x.new_empty((sum(output_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        out = grad.new_empty((sum(ctx.input_splits), *grad.shape[1:]))
+        dist.all_to_all_single(out, grad.contiguous(), ctx.input_splits, ctx.output_splits, group=ctx.group)
+        return out, None, None, None
+
+
+def all_to_all(x: Tensor, output_splits: list[int], input_splits: list[int], group: Any = None) -> Tensor:
+    """x: [sum(input_splits), ...] -> [sum(output_splits), ...]; rows input_splits[j] go to rank j of
+    `group`, rows output_splits[j] arrive from it. Differentiable; collective over `group`."""
+    return _AllToAll.apply(x, output_splits, input_splits, group)
+
+
+# ---------------------------------------------------------------------------- dispatcher
+
+class AllToAllExpertDispatcher:
+    """`ExpertDispatcher` over an expert-parallel group (module docstring: the exchange, step by step)."""
+
+    def __init__(self, ep_group: Any = None) -> None:
+        self.group = ep_group
+        self.ep_size = dist.get_world_size(ep_group)
+        self.ep_rank = dist.get_rank(ep_group)
+
+    def local_experts(self, num_experts: int) -> tuple[int, int]:
+        if num_experts % self.ep_size != 0:
+            raise ValueError(f"{num_experts} routed experts cannot be split evenly over an expert-parallel "
+                             f"group of {self.ep_size} ranks (parallel.ep_size must divide "
+                             "model.moe.num_routed_experts)")
+        count = num_experts // self.ep_size
+        return count, self.ep_rank * count
+
+    def __call__(self, x: Tensor, topk_idx: Tensor, topk_weight: Tensor, experts: GroupedExperts) -> Tensor:
+        """x: [N, D], topk_idx: [N, K] global expert ids, topk_weight: [N, K] -> [N, D] in x's dtype."""
+        n, k = topk_idx.shape
+        e_loc, ep = experts.num_experts, self.ep_size
+        num_experts = e_loc * ep
+        if (experts.expert_offset, experts.num_global_experts) != (self.ep_rank * e_loc, num_experts):
+            raise ValueError(f"experts hold [{experts.expert_offset}, +{e_loc}) of "
+                             f"{experts.num_global_experts}; EP rank {self.ep_rank} of {ep} needs "
+                             f"[{self.ep_rank * e_loc}, +{e_loc}) of {num_experts}")
+        acc_dtype = torch.promote_types(x.dtype, torch.float32)
+        flat_idx = topk_idx.reshape(-1)  # [N*K]
+        order = torch.argsort(flat_idx, stable=True)  # slots by expert = by destination rank
+        token_of_slot = order // k  # [N*K]
+        send_counts = torch.bincount(flat_idx, minlength=num_experts)  # [E]
+        if send_counts.numel() > num_experts:
+            raise ValueError(f"expert index out of range for {num_experts} experts")
+        recv_counts = torch.empty_like(send_counts)  # [ep * E_l]: (source rank, local expert)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        counts = torch.stack([send_counts, recv_counts]).view(2, ep, e_loc).cpu()
+        send_splits = counts[0].sum(dim=1).tolist()
+        recv_splits = counts[1].sum(dim=1).tolist()
+
+        x_recv = all_to_all(x[token_of_slot], recv_splits, send_splits, self.group)  # [R, D] by source
+        y_recv = self._run_local(x_recv, counts[1], experts)  # [R, D] same order
+        y = all_to_all(y_recv, send_splits, recv_splits, self.group)  # [N*K, D] sorted-slot order
+
+        w = topk_weight.reshape(-1)[order].to(acc_dtype).unsqueeze(-1)  # [N*K, 1]
+        out = torch.zeros(n, x.shape[-1], dtype=acc_dtype, device=x.device)
+        out.index_add_(0, token_of_slot, y.to(acc_dtype) * w)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def _run_local(x_recv: Tensor, recv_counts: Tensor, experts: GroupedExperts) -> Tensor:
+        """x_recv: [R, D] rows grouped by source rank, then local expert; recv_counts: [ep, E_l] (CPU).
+
+        Regroups the rows by local expert (stable: by source within an expert), runs every local expert
+        on its block (zero rows included: the weights stay in the graph) and restores the arrival order."""
+        e_loc = experts.num_experts
+        local_id = torch.arange(e_loc).repeat(recv_counts.shape[0])  # [ep * E_l] expert of each chunk
+        expert_of_row = torch.repeat_interleave(local_id, recv_counts.reshape(-1)).to(x_recv.device)  # [R]
+        perm = torch.argsort(expert_of_row, stable=True)  # [R] rows by local expert
+        blocks = x_recv[perm].split(recv_counts.sum(dim=0).tolist())
+        y_grouped = torch.cat([experts.forward_expert(e, blk) for e, blk in enumerate(blocks)])
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        return y_grouped[inverse]
+
+
+# ---------------------------------------------------------------------------- training integration
+
+def check_expert_parallel_config(cfg: RunConfig, world_size: int, zero_stage: int) -> None:
+    """ConfigError naming `parallel.ep_size` when it cannot be used for this world / ZeRO stage."""
+    from ..config import ConfigError
+
+    ep = cfg.parallel.ep_size
+    num_experts = cfg.model.moe.num_routed_experts
+    if ep < 1 or world_size % ep != 0:
+        raise ConfigError(f"parallel.ep_size: {ep} must divide the world size {world_size} (world = data "
+                          "parallel x expert parallel); launch a multiple of it or change parallel.ep_size")
+    if num_experts % ep != 0:
+        raise ConfigError(f"parallel.ep_size: {ep} must divide model.moe.num_routed_experts={num_experts}")
+    if ep > 1 and zero_stage == 3:
+        raise ConfigError("parallel.ep_size > 1 with ZeRO stage 3: DeepSpeed does not support expert "
+                          "parallelism of custom MoE layers under ZeRO-3; use deepspeed.zero_stage 0, 1 or 2")
+    if ep > 1 and cfg.model.moe.first_k_dense >= cfg.model.num_layers:
+        raise ConfigError(f"parallel.ep_size: {ep} > 1 but the model has no MoE layer "
+                          "(model.moe.first_k_dense >= model.num_layers)")
+
+
+def is_expert_param(p: nn.Parameter) -> bool:
+    """DeepSpeed's test for an expert-parallel parameter (`deepspeed.moe.utils.is_moe_param`)."""
+    return getattr(p, "allreduce", True) is False
+
+
+def split_expert_param_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Move expert-parallel parameters into DeepSpeed MoE groups (`moe: True`, `name: ep_size_<ep>`, other
+    keys copied from their source group); drop groups left empty. No-op without expert parameters."""
+    if not any(is_expert_param(p) for g in groups for p in g["params"]):
+        return groups
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    return [g for g in split_params_into_different_moe_groups_for_optimizer(groups) if g["params"]]
+
+
+_MARKER_CLASS: type | None = None
+
+
+def _deepspeed_marker_class() -> type:
+    """A parameter-free subclass of DeepSpeed's `MoE` (built on first use: importing DeepSpeed is slow)."""
+    global _MARKER_CLASS
+    if _MARKER_CLASS is None:
+        from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+        class DeepSpeedExpertParallelMarker(DeepSpeedMoE):
+            """Tells the DeepSpeed engine the model has expert-parallel MoE layers (`has_moe_layers`).
+
+            Holds no parameters and no experts (`num_local_experts = 0`, so DeepSpeed writes and reads no
+            per-expert files for it); never called. The experts are the model's `GroupedExperts`."""
+
+            def __init__(self, num_experts: int, ep_size: int) -> None:
+                nn.Module.__init__(self)
+                self.ep_size = ep_size
+                self.expert_group_name = f"ep_size_{ep_size}"
+                self.num_experts = num_experts
+                self.num_local_experts = 0
+                self.use_residual = False
+                self.enable_expert_tensor_parallelism = False
+
+            def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+                from deepspeed.utils import groups as ds_groups
+
+                if use_data_before_expert_parallel_:
+                    raise ValueError("use_data_before_expert_parallel_ is not supported: the expert groups "
+                                     "are consecutive ranks (engram_pretrain.parallel.groups)")
+                assert self.expert_group_name in ds_groups._get_expert_parallel_group_dict()
+
+            def forward(self, *args: Any, **kwargs: Any) -> Any:
+                raise RuntimeError("DeepSpeedExpertParallelMarker is a marker and is never called")
+
+        _MARKER_CLASS = DeepSpeedExpertParallelMarker
+    return _MARKER_CLASS
+
+
+class ExpertParallel:
+    """Expert parallelism of one training run: groups, dispatcher, DeepSpeed wiring, expert checkpoints."""
+
+    MARKER_NAME = "deepspeed_expert_parallel"
+    """Attribute name of the DeepSpeed marker module on the model."""
+
+    def __init__(self, groups: ExpertParallelGroups) -> None:
+        self.groups = groups
+        self.dispatcher = AllToAllExpertDispatcher(groups.ep_group)
+
+    @property
+    def ep_size(self) -> int:
+        return self.groups.ep_size
+
+    def prepare_model(self, model: EngramMoEModel) -> None:
+        """Tag the routed expert parameters for DeepSpeed and attach the marker (before the optimizer and
+        `deepspeed.initialize`). Router, shared experts and everything else stay plain data parallel."""
+        moes = model.moe_layers()
+        if not moes:
+            raise ValueError("expert parallelism needs a model with MoE layers")
+        for moe in moes:
+            assert moe.dispatcher is self.dispatcher, "build the model with ExpertParallel.dispatcher"
+            for p in moe.experts.parameters():
+                p.allreduce = False  # type: ignore[attr-defined]
+                p.group_name = self.groups.name  # type: ignore[attr-defined]
+        marker = _deepspeed_marker_class()(moes[0].num_experts, self.ep_size)
+        model.add_module(self.MARKER_NAME, marker)
+
+    # ------------------------------------------------------------------ full weights
+
+    def full_expert_state(self, model: EngramMoEModel) -> dict[str, Tensor]:
+        """{state-dict name: [E, ...] CPU tensor} of every routed expert weight, gathered over the EP group
+        (collective over it). The other entries of the model's state dict are already whole."""
+        out = {}
+        for name, p in self._expert_params(model):
+            parts = [torch.empty_like(p.data) for _ in range(self.ep_size)]
+            dist.all_gather(parts, p.data.contiguous(), group=self.groups.ep_group)
+            out[name] = torch.cat(parts).detach().cpu()
+        return out
+
+    @staticmethod
+    def _expert_params(model: EngramMoEModel) -> list[tuple[str, nn.Parameter]]:
+        names = {id(p): n for n, p in model.named_parameters()}
+        return [(names[id(getattr(moe.experts, w))], getattr(moe.experts, w))
+                for moe in model.moe_layers() for w in EXPERT_WEIGHTS]
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, model: EngramMoEModel, directory: str | Path) -> None:
+        """Write `<directory>/experts/ep_rank_<r>.pt` (fp32 master weights of this EP rank's experts, written
+        by expert-data-parallel rank 0) and `meta.json` (global rank 0). Collective over the world."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        root = Path(directory) / EXPERTS_DIR
+        if dist.get_rank() == 0:
+            root.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        shard: dict[str, Any] = {"ep_size": self.ep_size, "ep_rank": self.groups.ep_rank, "weights": {}}
+        for name, p in self._expert_params(model):
+            full = safe_get_full_fp32_param(p)  # ZeRO 1/2: gathered over the expert-DP group (collective)
+            shard["weights"][name] = (p.data if full is None else full).detach().float().cpu().clone()
+        experts = model.moe_layers()[0].experts
+        shard["expert_range"] = [experts.expert_offset, experts.expert_offset + experts.num_experts]
+        if self.groups.edp_rank == 0:
+            torch.save(shard, root / f"ep_rank_{self.groups.ep_rank:05d}.pt")
+        if dist.get_rank() == 0:
+            meta = {"ep_size": self.ep_size, "num_experts": experts.num_global_experts,
+                    "weights": [n for n, _ in self._expert_params(model)]}
+            (root / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+    def load(self, model: EngramMoEModel, directory: str | Path) -> None:
+        """Copy this EP rank's expert weights back from `save`'s file (after DeepSpeed's own load, which
+        restores the ZeRO partitions but fills every rank's module experts from rank 0's model file)."""
+        check_expert_checkpoint(directory, self.ep_size)
+        path = Path(directory) / EXPERTS_DIR / f"ep_rank_{self.groups.ep_rank:05d}.pt"
+        shard = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            for name, p in self._expert_params(model):
+                if name not in shard["weights"] or shard["weights"][name].shape != p.shape:
+                    raise ValueError(f"{path}: no expert weight {name} of shape {tuple(p.shape)}")
+                p.data.copy_(shard["weights"][name].to(p.device))
+
+
+def checkpoint_ep_size(directory: str | Path) -> int:
+    """The expert-parallel size a checkpoint was written with (1 when it has no expert shards)."""
+    meta = Path(directory) / EXPERTS_DIR / "meta.json"
+    return int(json.loads(meta.read_text())["ep_size"]) if meta.is_file() else 1
+
+
+def check_expert_checkpoint(directory: str | Path, ep_size: int) -> None:
+    """ValueError unless the checkpoint was written with this `parallel.ep_size` (experts and their
+    optimizer state are not resharded to another expert-parallel size)."""
+    saved = checkpoint_ep_size(directory)
+    if saved != ep_size:
+        raise ValueError(f"{directory} was written with parallel.ep_size={saved}; resuming with "
+                         f"parallel.ep_size={ep_size} is not supported (the experts and their optimizer "
+                         "state are sharded by EP rank); relaunch with the original parallel.ep_size")
+
+
+def setup_expert_parallel(cfg: RunConfig, world_size: int, zero_stage: int) -> ExpertParallel | None:
+    """Validate `parallel.ep_size` and, when > 1, create DeepSpeed's expert groups and the dispatcher
+    (collective). None for ep_size 1 (plain data parallelism, `LocalExpertDispatcher`)."""
+    from .groups import deepspeed_expert_parallel_groups
+
+    check_expert_parallel_config(cfg, world_size, zero_stage)
+    if cfg.parallel.ep_size == 1:
+        return None
+    if zero_stage == 0 and cfg.optimizer.grad_clip > 0 and dist.get_rank() == 0:
+        logger.warning("parallel.ep_size > 1 with ZeRO stage 0: DeepSpeed clips by the mean of the per-rank "
+                       "gradient norms (each counting only its own experts), not the exact global norm; "
+                       "ZeRO 1/2 clip by the exact norm")
+    return ExpertParallel(deepspeed_expert_parallel_groups(cfg.parallel.ep_size))
