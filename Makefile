@@ -37,6 +37,19 @@ SUBMIT_ARGS ?=
 submit: setup  ## submit CONFIG to SLURM: make submit CONFIG=configs/moe-3b.yaml NODES=4 GPUS=8 SUBMIT_ARGS="--time 4:00:00"
 	$(CLI) submit $(if $(NODES),--nodes $(NODES)) $(if $(GPUS),--gpus-per-node $(GPUS)) $(SUBMIT_ARGS) $(CONFIG) $(ARGS)
 
+# Experiments (docs/experiments.md): PRESET = proxy | 3b | tiny; STEPS: train.steps of every run (default: the
+# presets'); EXP_DATA: dataset directory; EXP_ARGS: --only, --repeat-seeds K, --nproc N, --slurm, --dry-run ...
+PRESET ?= proxy
+STEPS ?=
+EXP_DATA ?= data/default
+EXP_ARGS ?=
+.PHONY: ablation allocation
+ablation: setup  ## ablation set + layer sweep -> runs/ablation/PRESET (Figure 5): make ablation PRESET=proxy STEPS=1000
+	$(CLI) experiment ablation --preset $(PRESET) --data $(EXP_DATA) $(if $(STEPS),--steps $(STEPS)) $(EXP_ARGS)
+
+allocation: setup  ## sparsity allocation sweep -> runs/allocation/PRESET (Figure 3)
+	$(CLI) experiment allocation --preset $(PRESET) --data $(EXP_DATA) $(if $(STEPS),--steps $(STEPS)) $(EXP_ARGS)
+
 test: setup  ## what CI runs
 	$(PY) -m ruff check engram_pretrain tests benchmarks
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -10,9 +10,11 @@ One optimizer step of one Engram table [rows, dim] fp32 whose gradient touches `
                        row's moments decay and every row moves: the cost of treating tables as dense
                        parameters)
 
-Times are the median (and minimum) wall time of `--repeat` steps after a warm-up that allocates the
-optimizer state, at `--threads` threads. The row-sparse step should cost about the same at any table
-size (goal: 10M-row step <= 1.2x the 100K-row step); the dense step grows with the rows.
+Times are the median and minimum wall time and the median process CPU time of `--repeat` steps after a
+warm-up that allocates the optimizer state, at `--threads` threads; the table sizes of one optimizer
+alternate step by step, so load from other processes on a shared machine affects them alike. The
+row-sparse step should cost about the same at any table size (goal: 10M-row step <= 1.2x the 100K-row
+step); the dense step grows with the rows.
 
 Usage (repo root): python -m benchmarks.table_update [--rows 100000 10000000] [--dim 32] [--lookups 16384]
 """
@@ -32,35 +34,39 @@ from engram_pretrain.kernels import OpBuildError, get_ops
 from engram_pretrain.memory.sparse_optim import RowSparseAdam
 from engram_pretrain.memory.tables import HostRowSparseAdam
 
+Case = tuple[Callable[[], None], Callable[[], None]]
+"""(step, prepare): one optimizer step, and the untimed set-up of its gradient."""
 
-def timed(step: Callable[[], None], prepare: Callable[[], None], repeat: int, warmup: int) -> list[float]:
-    """Wall seconds of `step()` over `repeat` runs, each after an untimed `prepare()`."""
-    times = []
+
+def interleaved(cases: dict[int, Case], repeat: int, warmup: int) -> dict[int, list[tuple[float, float]]]:
+    """(wall, process CPU) seconds of each case's step over `repeat` rounds; the cases alternate within a
+    round, so load from other processes on a shared machine hits every table size alike."""
+    times: dict[int, list[tuple[float, float]]] = {key: [] for key in cases}
     for i in range(warmup + repeat):
-        prepare()
-        t0 = time.perf_counter()
-        step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+        for key, (step, prepare) in cases.items():
+            prepare()
+            t0, c0 = time.perf_counter(), time.process_time()
+            step()
+            if i >= warmup:
+                times[key].append((time.perf_counter() - t0, time.process_time() - c0))
     return times
 
 
-def sparse_case(rows: int, dim: int, lookups: int, make_opt: Callable[[torch.nn.Parameter], Any],
-                repeat: int, warmup: int) -> list[float]:
-    gen = torch.Generator().manual_seed(0)
+def sparse_case(rows: int, dim: int, lookups: int, make_opt: Callable[[torch.nn.Parameter], Any]) -> Case:
+    gen = torch.Generator().manual_seed(rows)
     weight = torch.nn.Parameter(torch.randn(rows, dim, generator=gen) * 0.02)
     opt = make_opt(weight)
 
     def prepare() -> None:
         ids = torch.randint(0, rows, (lookups,), generator=gen)
         weight.grad = torch.sparse_coo_tensor(ids.unsqueeze(0), torch.randn(lookups, dim, generator=gen),
-                                              (rows, dim))
+                                              (rows, dim), check_invariants=False)
 
-    return timed(lambda: opt.step(1e-3), prepare, repeat, warmup)
+    return lambda: opt.step(1e-3), prepare
 
 
-def dense_case(rows: int, dim: int, lookups: int, repeat: int, warmup: int) -> list[float]:
-    gen = torch.Generator().manual_seed(0)
+def dense_case(rows: int, dim: int, lookups: int) -> Case:
+    gen = torch.Generator().manual_seed(rows)
     weight = torch.nn.Parameter(torch.randn(rows, dim, generator=gen) * 0.02)
     opt = torch.optim.AdamW([weight], lr=1e-3, weight_decay=0.0)
     weight.grad = torch.zeros_like(weight)
@@ -71,11 +77,13 @@ def dense_case(rows: int, dim: int, lookups: int, repeat: int, warmup: int) -> l
         ids = torch.randint(0, rows, (lookups,), generator=gen)
         weight.grad.index_add_(0, ids, torch.randn(lookups, dim, generator=gen))
 
-    return timed(opt.step, prepare, repeat, warmup)
+    return opt.step, prepare
 
 
-def fmt(times: list[float]) -> str:
-    return f"{statistics.median(times) * 1e3:9.2f} ({min(times) * 1e3:8.2f})"
+def summary(times: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """(median wall, min wall, median CPU) in ms."""
+    wall, cpu = [t[0] for t in times], [t[1] for t in times]
+    return statistics.median(wall) * 1e3, min(wall) * 1e3, statistics.median(cpu) * 1e3
 
 
 def main() -> None:
@@ -96,30 +104,30 @@ def main() -> None:
         print(f"C++ ops unavailable ({str(err).splitlines()[0]}); skipping the cpp column")
         cpp = None
 
-    results: dict[str, dict[int, list[float]]] = {"row-sparse (torch)": {}, "row-sparse (cpp)": {},
-                                                  "dense AdamW": {}}
-    for rows in args.rows:
-        results["row-sparse (torch)"][rows] = sparse_case(
-            rows, args.dim, args.lookups, lambda w: RowSparseAdam([w], grad_sync="none"), args.repeat, 2)
+    makers: dict[str, Callable[[int], Case]] = {
+        "row-sparse (torch)": lambda rows: sparse_case(rows, args.dim, args.lookups,
+                                                       lambda w: RowSparseAdam([w], grad_sync="none"))}
+    if cpp is not None:
+        makers["row-sparse (cpp)"] = lambda rows: sparse_case(
+            rows, args.dim, args.lookups, lambda w: HostRowSparseAdam([w], ops=cpp, grad_sync="none"))
+    if not args.no_dense:
+        makers["dense AdamW"] = lambda rows: dense_case(rows, args.dim, args.lookups)
+    results: dict[str, dict[int, list[tuple[float, float]]]] = {}
+    for name, make in makers.items():
+        repeat = args.dense_repeat if name == "dense AdamW" else args.repeat
+        results[name] = interleaved({rows: make(rows) for rows in args.rows}, repeat, warmup=3)
         gc.collect()
-        if cpp is not None:
-            results["row-sparse (cpp)"][rows] = sparse_case(
-                rows, args.dim, args.lookups, lambda w: HostRowSparseAdam([w], ops=cpp, grad_sync="none"),
-                args.repeat, 2)
-            gc.collect()
-        if not args.no_dense:
-            results["dense AdamW"][rows] = dense_case(rows, args.dim, args.lookups, args.dense_repeat, 1)
-            gc.collect()
 
     print(f"\none table step: dim {args.dim}, {args.lookups} looked-up ids/step (uniform), fp32, "
-          f"{args.threads} threads; ms per step, median (min)")
-    print(f"{'optimizer':<20}" + "".join(f"{rows:>24,}" for rows in args.rows)
-          + f"{'ratio ' + f'{args.rows[-1]:,}/{args.rows[0]:,}':>28}")
+          f"{args.threads} threads; ms per step: median wall / min wall / median process CPU")
+    small, large = args.rows[0], args.rows[-1]
+    print(f"{'optimizer':<20}" + "".join(f"{rows:>26,}" for rows in args.rows)
+          + f"{f'{large:,}/{small:,} (median, min, CPU)':>36}")
     for name, by_rows in results.items():
-        if not by_rows:
-            continue
-        ratio = statistics.median(by_rows[args.rows[-1]]) / statistics.median(by_rows[args.rows[0]])
-        print(f"{name:<20}" + "".join(f"{fmt(by_rows[r]):>24}" for r in args.rows) + f"{ratio:>27.2f}x")
+        stats = {rows: summary(by_rows[rows]) for rows in args.rows}
+        ratios = [stats[large][i] / stats[small][i] for i in range(3)]
+        cells = "".join(f"{' / '.join(f'{v:.2f}' for v in stats[r]):>26}" for r in args.rows)
+        print(f"{name:<20}{cells}{', '.join(f'{v:.2f}x' for v in ratios):>36}")
 
 
 if __name__ == "__main__":

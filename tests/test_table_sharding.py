@@ -126,6 +126,15 @@ def _sharded_job(rank: int, world: int) -> dict[str, Any]:
         results[f"{scenario}/local"] = {"weight": local.weight.detach().numpy().copy(),
                                         **{k: st[k].numpy().copy() for k in ("exp_avg", "exp_avg_sq",
                                                                              "row_step")}}
+    # fewer rows than ranks: the last ranks own nothing and still take part in every exchange
+    tiny = ShardedTable(world - 1, DIM, lambda s, e: full[s:e].clone())
+    ids = torch.randint(0, world - 1, (4, 2), generator=torch.Generator().manual_seed(rank))
+    rows = tiny.lookup(ids)
+    rows.sum().backward()
+    RowSparseAdam([tiny.weight], lr=LR, grad_sync="none").step()
+    results["tiny"] = {"ids": ids.numpy(), "rows": rows.detach().numpy(),
+                       "shard_rows": int(tiny.weight.shape[0]),
+                       "grad_rows": int(tiny.weight.grad.coalesce().indices().shape[1])}
     return results
 
 
@@ -213,6 +222,26 @@ def test_sharded_host_tier_equals_device_tier_and_uses_the_prefetch(
             # the training lookup consumed the prefetched rows; the eval lookup after it gathered directly
             assert host["prefetch"]["hits"] == 1 and host["prefetch"]["stale"] == 0
             assert host["prefetch"]["direct"] == 1 and host["prefetch"]["dropped"] == 0
+
+
+def test_fewer_rows_than_ranks(sharded_runs: tuple[int, list[dict[str, Any]]]) -> None:
+    world, runs = sharded_runs
+    full = _full_table().numpy()
+    assert [r["tiny"]["shard_rows"] for r in runs] == [1] * (world - 1) + [0]
+    for r in runs:
+        np.testing.assert_array_equal(r["tiny"]["rows"], full[r["tiny"]["ids"]])
+    touched = set().union(*(set(r["tiny"]["ids"].reshape(-1).tolist()) for r in runs))
+    assert [r["tiny"]["grad_rows"] for r in runs] == [int(i in touched) for i in range(world)]
+
+
+def test_out_of_range_ids_raise() -> None:
+    from engram_pretrain.memory.tables import HostTable
+
+    host = HostTable(NUM_ROWS, DIM, "cpu", lambda s, e: _full_table()[s:e])
+    with pytest.raises(IndexError, match="out of range"):
+        host.lookup(torch.tensor([0, NUM_ROWS]))
+    with pytest.raises(ValueError, match="int64"):
+        host.lookup(torch.tensor([0.0]))
 
 
 def test_shard_bounds_formula_and_owner() -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 ABLATION_MARKERS = ("s", "^", "v", "D", "P", "X", "*", "h", "<", ">")
-X_AXIS_NOTE = "Layer Index (1-based as in the paper; block index + 1)"
+X_AXIS_NOTE = "Layer Index (1-based as in the paper: block index + 1)"
 
 
 def _pyplot() -> Any:
@@ -93,8 +93,8 @@ def plot_layer_sweep(rows: Sequence[Mapping[str, Any]], out_png: str | Path, tit
     noise = seed_noise(rows)
 
     plt = _pyplot()
-    width = 3.0 + 0.45 * (num_layers + len(ablations))
-    fig, ax = plt.subplots(figsize=(max(6.5, width), 4.5))
+    width = 5.5 + 0.45 * (num_layers + len(ablations))
+    fig, ax = plt.subplots(figsize=(max(9.0, width), 4.8))
     xs = [p["x"] for p in points if p["series"] == "sweep" and p["val_loss"] is not None]
     ys = [p["val_loss"] for p in points if p["series"] == "sweep" and p["val_loss"] is not None]
     if xs:
@@ -122,11 +122,14 @@ def plot_layer_sweep(rows: Sequence[Mapping[str, Any]], out_png: str | Path, tit
         tick.set_ha("right")
     if num_layers and ablations:
         ax.axvline(num_layers + 0.75, color="black", lw=0.6, ls=":")
-    ax.set_xlabel(X_AXIS_NOTE + ("; component ablations right of the dotted line" if ablations else ""))
+    ax.set_xlabel(X_AXIS_NOTE)
+    if num_layers and ablations:
+        ax.text(num_layers + 1.0, 0.97, "component ablations", transform=ax.get_xaxis_transform(), fontsize=8,
+                va="top", color="dimgray")
     ax.set_ylabel("Validation loss")
     ax.set_title(title or "Engram ablations: layer sweep and components")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(png, dpi=150)
     plt.close(fig)

@@ -80,10 +80,8 @@ def _common(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--only", default=None,
                    help="comma-separated subset of runs, e.g. baseline,reference,w/o_gating")
     p.add_argument("--nproc", type=int, default=1,
-                   help="processes per local run (1: a forked process; >1: torchrun via launchers/local.sh). "
+                   help="processes per local run (1: the CLI; >1: torchrun via launchers/local.sh). "
                         "The global batch is micro_batch_size x nproc")
-    p.add_argument("--no-fork", action="store_true",
-                   help="start every local 1-process run in a new interpreter")
     p.add_argument("--keep-last", type=int, default=1, help="checkpoints kept per run (default 1)")
     p.add_argument("--slurm", action="store_true", help="submit the unfinished runs as one SLURM job array")
     p.add_argument("--slurm-args", default="",
@@ -124,12 +122,16 @@ def _execute(args: argparse.Namespace, runs: list[PlannedRun], settings: RunSett
              reference_name: str, meta: dict[str, Any],
              plot: Callable[[list[dict[str, Any]], Path], Any]) -> int:
     """Shared tail of both experiments: finalize, plan, configs, train / submit, collect, plot."""
-    notes = list(meta.get("notes", []))
+    by_note: dict[str, list[str]] = {}
     for run in runs:
-        notes += [f"{run.name}: {n}" for n in finalize(run, settings)]
+        for note in finalize(run, settings):
+            by_note.setdefault(note, []).append(run.name)
+    notes = list(meta.get("notes", []))
+    for note, names in by_note.items():
+        notes.append(f"{note} ({'all runs' if len(names) == len(runs) else ', '.join(names)})")
     chosen = select(runs, _csv(args.only))
     out = settings.out_dir
-    meta = {**meta, "notes": sorted(set(notes)), "out_dir": str(out.absolute()),
+    meta = {**meta, "notes": notes, "out_dir": str(out.absolute()),
             "command": shlex.join(["engram-pretrain", *sys.argv[1:]]) if sys.argv else ""}
     table = write_plan(runs, out, reference_total, meta, reference_name)
     print(table)
@@ -157,7 +159,7 @@ def _execute(args: argparse.Namespace, runs: list[PlannedRun], settings: RunSett
             for run in todo:
                 print("  " + shlex.join(local_command(run, settings.nproc)))
         else:
-            codes = run_local(chosen, settings.nproc, fork=not args.no_fork)
+            codes = run_local(chosen, settings.nproc)
             code = 0 if all(c == 0 for c in codes.values()) else 1
     rows = [result_row(run, reference_total) for run in runs]
     csv_path, json_path = write_results(rows, out, meta)

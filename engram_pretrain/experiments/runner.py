@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import multiprocessing
 import os
 import shlex
 import subprocess
@@ -120,60 +119,25 @@ def local_command(run: PlannedRun, nproc: int) -> list[str]:
             "--resume", "auto"]
 
 
-def _forked_train(cfg_path: str, log_path: str, env: dict[str, str]) -> None:
-    """Child of a fork: output to the log file, environment of a fresh launch, then the CLI."""
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    os.environ.clear()
-    os.environ.update(env)
-    from ..cli import main
+def train_one(run: PlannedRun, nproc: int = 1) -> int:
+    """Train `run` to completion (resuming from its latest checkpoint) in a new process; return its exit code.
 
-    code = main(["train", cfg_path, "--resume", "auto"])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    sys.exit(code)
-
-
-def _warm_imports() -> None:
-    """Import the trainer (and DeepSpeed) once in the parent so that forked runs start at once."""
-    import engram_pretrain.train.engine  # noqa: F401
-    import engram_pretrain.train.loop  # noqa: F401
-
-
-def train_one(run: PlannedRun, nproc: int = 1, fork: bool = True) -> int:
-    """Train `run` to completion (resuming from its latest checkpoint); return the exit code.
-
-    One process: a fork of this process (imports shared, a fresh trainer state) or, with `fork=False` or
-    where fork is unavailable, a new interpreter; several: torchrun through launchers/local.sh. The output
-    is appended to `<run>/train.log`; `<run>/experiment_run.json` records the exit code and wall time."""
+    One process: the CLI in a fresh interpreter (a run leaves DeepSpeed/torch.distributed state behind, so
+    runs never share a process); several: torchrun through launchers/local.sh. The output is appended to
+    `<run>/train.log`; `<run>/experiment_run.json` records the exit code and the wall time."""
     run_dir = Path(run.cfg.output_dir)
-    log = run_dir / "train.log"
-    env = _clean_env(run.cfg.launcher.backend)
     cmd = local_command(run, nproc)
     start = time.perf_counter()
-    use_fork = fork and nproc == 1 and "fork" in multiprocessing.get_all_start_methods()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if use_fork:
-        _warm_imports()
-        proc = multiprocessing.get_context("fork").Process(
-            target=_forked_train, args=(str(config_path(run)), str(log), env), name=f"train-{run.name}")
-        proc.start()
-        proc.join()
-        code = proc.exitcode if proc.exitcode is not None else 1
-    else:
-        with open(log, "a") as out:
-            code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
-    seconds = time.perf_counter() - start
-    record = {"exit_code": code, "seconds": seconds, "nproc": nproc, "command": shlex.join(cmd),
-              "forked": use_fork, "finished_at": time.time()}
+    with open(run_dir / "train.log", "a") as out:
+        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT,
+                              env=_clean_env(run.cfg.launcher.backend)).returncode
+    record = {"exit_code": code, "seconds": time.perf_counter() - start, "nproc": nproc,
+              "command": shlex.join(cmd), "finished_at": time.time()}
     (run_dir / RUN_RECORD).write_text(json.dumps(record, indent=1))
     return code
 
 
-def run_local(runs: Sequence[PlannedRun], nproc: int = 1, fork: bool = True,
+def run_local(runs: Sequence[PlannedRun], nproc: int = 1,
               echo: Callable[[str], None] = print) -> dict[str, int]:
     """Train the unfinished runs one after the other; return {name: exit code} of those started."""
     todo = [r for r in runs if not is_finished(r.cfg)]
@@ -184,7 +148,7 @@ def run_local(runs: Sequence[PlannedRun], nproc: int = 1, fork: bool = True,
         echo(f"[{i}/{len(todo)}] {run.name}: training ({run.cfg.train.steps} steps) -> "
              f"{Path(run.cfg.output_dir) / 'train.log'}")
         start = time.perf_counter()
-        codes[run.name] = code = train_one(run, nproc, fork)
+        codes[run.name] = code = train_one(run, nproc)
         val = final_validation(run.cfg)
         if code == 0 and val is not None:
             echo(f"[{i}/{len(todo)}] {run.name}: done in {time.perf_counter() - start:.0f} s, "

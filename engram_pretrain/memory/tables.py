@@ -111,8 +111,8 @@ class LookupPlan:
 
 def plan_lookup(flat_ids: Tensor, num_rows: int) -> LookupPlan:
     """flat_ids: [N] -> the plan (unique ids and inverse index, on flat_ids' device)."""
+    check_row_ids(flat_ids, num_rows)
     ids = flat_ids.reshape(-1).long()
-    check_row_ids(ids, num_rows)
     unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
     return LookupPlan(ids=ids, unique=unique, inverse=inverse)
 

@@ -152,6 +152,22 @@ class GroupedExperts(nn.Module):
         """Local expert `e` (0-based within this module) on `x: [n, dim] -> [n, dim]`."""
         return (F.silu(x @ self.w1[e]) * (x @ self.w3[e])) @ self.w2[e]
 
+    def forward_sorted(self, x: Tensor, counts: list[int]) -> Tensor:
+        """Every local expert on its contiguous block: x: [sum(counts), dim] rows grouped by local expert,
+        `counts[e]` rows for expert e (zeros allowed) -> [sum(counts), dim] in the same order.
+
+        The weights are unbound once per call, so backward builds one [E, ., .] gradient per weight.
+        (Indexing `w[e]` per expert, as `forward_expert` does, makes every expert's backward allocate and
+        zero a full [E, ., .] gradient and the engine add E of them: O(E^2) work.) Same values as
+        `forward_expert` block by block.
+        """
+        if len(counts) != self.num_experts:
+            raise ValueError(f"forward_sorted: {len(counts)} counts for {self.num_experts} local experts")
+        w1, w3, w2 = self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0)
+        outputs = [(F.silu(xe @ w1[e]) * (xe @ w3[e])) @ w2[e]
+                   for e, xe in enumerate(x.split(counts)) if xe.shape[0] > 0]
+        return torch.cat(outputs) if outputs else x.new_zeros(0, self.dim)
+
 
 class ExpertDispatcher(Protocol):
     """Sends token slots to the experts and combines their weighted outputs (dropless)."""
@@ -187,14 +203,7 @@ class LocalExpertDispatcher:
         if counts.numel() > experts.num_experts:
             raise ValueError(f"expert index out of range for {experts.num_experts} experts")
         x_sorted = x[token_of_slot]  # [N*K, D]
-        outputs: list[Tensor] = []
-        start = 0
-        for e, c in enumerate(counts.tolist()):
-            if c == 0:
-                continue
-            outputs.append(experts.forward_expert(e, x_sorted[start:start + c]))
-            start += c
-        y = torch.cat(outputs, dim=0).to(acc_dtype)  # [N*K, D] in sorted-slot order
+        y = experts.forward_sorted(x_sorted, counts.tolist()).to(acc_dtype)  # [N*K, D] sorted-slot order
         w = topk_weight.reshape(-1)[order].to(acc_dtype).unsqueeze(-1)
         out.index_add_(0, token_of_slot, y * w)
         return out.to(x.dtype)

@@ -15,10 +15,10 @@ Forward of one MoE layer on EP rank r (E experts, ep ranks, E_l = E / ep local e
    same sum as `LocalExpertDispatcher`.
 
 Dropless: every slot is computed, whatever the imbalance. Every rank takes part in both collectives of
-every layer, also when it has no token at all or its experts receive none, and every local expert runs
-(on zero rows if need be), so the expert weights always get a gradient (zeros when unused) and DeepSpeed's
-gradient hooks fire on every rank: nothing waits on an absent peer. The all-to-alls are an autograd
-function whose backward is the reverse all-to-all with the splits swapped.
+every layer, also when it has no token at all or its experts receive none, and the local expert weights
+stay in the autograd graph even when no row arrives, so they always get a gradient (zeros when unused)
+and DeepSpeed's gradient hooks fire on every rank: nothing waits on an absent peer. The all-to-alls are an
+autograd function whose backward is the reverse all-to-all with the splits swapped.
 
 Training integration (`ExpertParallel`, built by `setup_expert_parallel`): DeepSpeed's own expert groups
 (`parallel.groups`); routed expert parameters tagged `allreduce = False`, `group_name = "ep_size_<ep>"`,
@@ -133,14 +133,16 @@ class AllToAllExpertDispatcher:
     def _run_local(x_recv: Tensor, recv_counts: Tensor, experts: GroupedExperts) -> Tensor:
         """x_recv: [R, D] rows grouped by source rank, then local expert; recv_counts: [ep, E_l] (CPU).
 
-        Regroups the rows by local expert (stable: by source within an expert), runs every local expert
-        on its block (zero rows included: the weights stay in the graph) and restores the arrival order."""
+        Regroups the rows by local expert (stable: by source within an expert), runs the local experts on
+        their blocks and restores the arrival order. The expert weights stay in the autograd graph also
+        when no row arrives (a zero gradient then), so every rank's DeepSpeed gradient hooks fire."""
+        if x_recv.shape[0] == 0:
+            return experts.forward_expert(0, x_recv)  # [0, D], connected to the weights
         e_loc = experts.num_experts
         local_id = torch.arange(e_loc).repeat(recv_counts.shape[0])  # [ep * E_l] expert of each chunk
         expert_of_row = torch.repeat_interleave(local_id, recv_counts.reshape(-1)).to(x_recv.device)  # [R]
         perm = torch.argsort(expert_of_row, stable=True)  # [R] rows by local expert
-        blocks = x_recv[perm].split(recv_counts.sum(dim=0).tolist())
-        y_grouped = torch.cat([experts.forward_expert(e, blk) for e, blk in enumerate(blocks)])
+        y_grouped = experts.forward_sorted(x_recv[perm], recv_counts.sum(dim=0).tolist())
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(perm.numel(), device=perm.device)
         return y_grouped[inverse]
