@@ -121,13 +121,13 @@ def main() -> None:
     print(f"\none table step: dim {args.dim}, {args.lookups} looked-up ids/step (uniform), fp32, "
           f"{args.threads} threads; ms per step: median wall / min wall / median process CPU")
     small, large = args.rows[0], args.rows[-1]
-    print(f"{'optimizer':<20}" + "".join(f"{rows:>26,}" for rows in args.rows)
-          + f"{f'{large:,}/{small:,} (median, min, CPU)':>36}")
+    print(f"{'optimizer':<20}" + "".join(f"{rows:>28,}" for rows in args.rows)
+          + f"{f'{large:,}/{small:,} (median, min, CPU)':>40}")
     for name, by_rows in results.items():
         stats = {rows: summary(by_rows[rows]) for rows in args.rows}
         ratios = [stats[large][i] / stats[small][i] for i in range(3)]
-        cells = "".join(f"{' / '.join(f'{v:.2f}' for v in stats[r]):>26}" for r in args.rows)
-        print(f"{name:<20}{cells}{', '.join(f'{v:.2f}x' for v in ratios):>36}")
+        cells = "".join(f"{' / '.join(f'{v:.2f}' for v in stats[r]):>28}" for r in args.rows)
+        print(f"{name:<20}{cells}{', '.join(f'{v:.2f}x' for v in ratios):>40}")
 
 
 if __name__ == "__main__":

@@ -144,6 +144,8 @@ def _execute(args: argparse.Namespace, runs: list[PlannedRun], settings: RunSett
                   f"(more than {100 * ISO_TOLERANCE:.0f}%)", file=sys.stderr)
     code = 0
     if not args.collect:
+        if not all(run.cfg.data.paths for run in chosen):
+            raise ValueError("data.paths is empty: give --data DIR (e.g. data/default from `make data`)")
         write_configs(chosen)
         if args.slurm:
             todo = write_task_list(chosen, out / "tasks.txt")

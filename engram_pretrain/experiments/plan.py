@@ -147,9 +147,6 @@ def finalize(run: PlannedRun, s: RunSettings) -> list[str]:
     if model_keys:
         raise ValueError(f"run overrides may not change the model (the budget is fixed): {model_keys}")
     run.cfg = with_overrides(cfg, [*over, *s.overrides])
-    if not run.cfg.data.paths:
-        raise ValueError(f"{run.name}: data.paths is empty; give --data DIR (e.g. data/default from "
-                         "`make data`)")
     return notes
 
 

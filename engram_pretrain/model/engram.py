@@ -69,6 +69,13 @@ class LocalEngramTable(nn.Module):
         return f"num_rows={self.num_rows}, dim={self.dim}, sparse={self.sparse}"
 
 
+def _branch_rms_norm(x: torch.Tensor, norms: nn.ModuleList) -> torch.Tensor:
+    """x: [..., G, D] -> norms[m](x[..., m, :]) for every branch m at once (one normalisation over D times
+    the stacked [G, D] weights)."""
+    weight = torch.stack([n.weight for n in norms])  # [G, D]
+    return F.rms_norm(x, (x.shape[-1],), eps=norms[0].eps) * weight
+
+
 TableFactory = Callable[[int, int, int], EngramTable]
 """(layer_id, num_rows, dim) -> table of that layer."""
 
@@ -174,16 +181,21 @@ class EngramModule(nn.Module):
         return rows.reshape(*row_ids.shape[:-1], self.d_mem)
 
     def gates(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """h: [B, T, G, D], e: [B, T, d_mem] -> alpha: [B, T, G] (ones when gating is off)."""
+        """h: [B, T, G, D], e: [B, T, d_mem] -> alpha: [B, T, G] (ones when gating is off).
+
+        All branches at once: the G key projections as one matmul over their concatenated weights, the
+        per-branch RMSNorms as one normalisation times the stacked [G, D] weights (same maths as applying
+        `key_projs[m]`, `key_norms[m]`, `query_norms[m]` branch by branch; fewer, larger ops).
+        """
         if not self.gating:
             return h.new_ones(h.shape[:-1])
-        scale = 1.0 / math.sqrt(self.hidden_size)
-        logits = []
-        for m in range(self.num_branches):
-            key = self.key_norms[m](self.key_projs[m](e))  # [B, T, D]
-            query = self.query_norms[m](h[..., m, :])  # [B, T, D]
-            logits.append((key * query).sum(dim=-1) * scale)
-        s = torch.stack(logits, dim=-1)  # [B, T, G]
+        g, d = self.num_branches, self.hidden_size
+        weight = torch.cat([p.weight for p in self.key_projs])  # [G*D, d_mem]
+        bias = torch.cat([p.bias for p in self.key_projs])  # [G*D]
+        key = F.linear(e, weight, bias).unflatten(-1, (g, d))  # [B, T, G, D]
+        key = _branch_rms_norm(key, self.key_norms)
+        query = _branch_rms_norm(h, self.query_norms)  # [B, T, G, D]
+        s = (key * query).sum(dim=-1) * (1.0 / math.sqrt(d))  # [B, T, G]
         if self.signed_sqrt_gate:
             s = torch.sign(s) * torch.sqrt(s.abs().clamp_min(GATE_ABS_MIN))
         return torch.sigmoid(s)
@@ -195,18 +207,26 @@ class EngramModule(nn.Module):
         Without `conv_state` the conv reads zeros before the sequence start; with it, the inputs of the
         earlier decoding calls (and the state keeps the latest ones). `token_mask` [B, T] (False at
         padding) zeroes the padding positions' inputs, as if the sequence started after them.
+
+        The depthwise conv (`self.conv.weight` [G*D, 1, K]) is computed as K shifted multiply-adds in the
+        [B, T, channels] layout: y[t] = sum_k w[:, k] * x[t - (K - 1 - k) * dilation], the cross-correlation
+        `nn.Conv1d` computes, without its transposes and its slow depthwise backward on CPU.
         """
         b, t, g, d = u.shape
-        x = torch.cat([self.conv_norms[m](u[..., m, :]) for m in range(g)], dim=-1)  # [B, T, G*D]
+        x = _branch_rms_norm(u, self.conv_norms).reshape(b, t, g * d)  # [B, T, G*D]
         if token_mask is not None:
             x = x * token_mask.unsqueeze(-1).to(x.dtype)
         width = (self.conv_kernel - 1) * self.conv_dilation
         if conv_state is None:
-            x = F.pad(x.transpose(1, 2), (width, 0))  # [B, G*D, width+T]
+            x = F.pad(x, (0, 0, width, 0))  # [B, width+T, G*D], zeros before the sequence start
         else:
-            x = conv_state.extend(x, width).transpose(1, 2)
-        y = self.conv(x)  # [B, G*D, T]
-        return F.silu(y).transpose(1, 2).reshape(b, t, g, d)
+            x = conv_state.extend(x, width)
+        w = self.conv.weight[:, 0, :]  # [G*D, K]
+        y = x[:, :t] * w[:, 0]
+        for k in range(1, self.conv_kernel):
+            shift = k * self.conv_dilation
+            y = y + x[:, shift:shift + t] * w[:, k]  # [B, T, G*D]
+        return F.silu(y).reshape(b, t, g, d)
 
     def forward(self, h: torch.Tensor, row_ids: torch.Tensor, conv_state: ShortConvState | None = None,
                 token_mask: torch.Tensor | None = None) -> torch.Tensor:
