@@ -5,7 +5,8 @@ Variants, all trained by the real trainer (`Trainer.train_step`: data, Engram ha
 DeepSpeed forward/backward/step, the per-step all-reduce, the row-sparse table update and the MoE bias
 update) under the same DeepSpeed config (default ZeRO-2):
 
-- `engram`:   `configs/tiny.yaml` as is (MoE + mHC M=4 + Engram at blocks 1 and 3).
+- `engram`:   the run config as is (`--config`; default `configs/tiny.yaml`: MoE + mHC M=4 + Engram at
+              blocks 1 and 3; `configs/proxy-engram.yaml`: the 12-layer CPU proxy of the 3B ablation).
 - `iso`:      the same backbone without Engram, its dense FFN (blocks < first_k_dense) widened so that its
               activated parameters (`count_parameters(...).activated_with_head`) equal the Engram model's:
               Engram adds activated weights (W_V, W_K per branch, norms, short conv), the baseline gets the
@@ -14,11 +15,14 @@ update) under the same DeepSpeed config (default ZeRO-2):
 
 The variants are stepped in the same process(es), interleaved round by round (the order reversed every
 round) so that a load change on a shared machine hits all of them alike; warm-up steps are excluded. Each
-step is timed on rank 0 (steps end in a collective, so all ranks agree). Reported: median step time, its
-interquartile range (IQR), and the ratio of the medians with the IQR of the per-round ratios.
+step's wall time is taken on rank 0 (steps end in a collective, so all ranks agree) and its process CPU
+time on every rank (averaged): on a machine shared with other jobs the CPU time, which does not count the
+time spent waiting for a core, is the steadier measure. Reported: medians with their interquartile range
+(IQR), and the ratio of the medians with the IQR of the per-round ratios. Separately, the mean wall time per
+step of the Engram pieces outside the module: hashing, the table lookup (forward), the row-sparse Adam step.
 
-Usage (repo root): python -m benchmarks.engram_overhead [--nproc 1] [--rounds 10] [--steps-per-round 3]
-    [--warmup 3] [--zero-stage 2] [--json out.json] [override ...]
+Usage (repo root): python -m benchmarks.engram_overhead [--config configs/tiny.yaml] [--nproc 1]
+    [--rounds 10] [--steps-per-round 3] [--warmup 3] [--zero-stage 2] [--json out.json] [override ...]
 Overrides (`key=value`, as for `engram-pretrain train`) apply to every variant, e.g. data.seq_len=256.
 """
 
@@ -54,11 +58,11 @@ def synthetic_dataset(root: Path, vocab_size: int, num_docs: int = 600, mean_len
     return make_dataset_dir(root / "data", vocab_size=vocab_size, num_docs=(num_docs, 20), mean_len=mean_len)
 
 
-def run_config(data: Path, out: Path, *overrides: str) -> Any:
-    """`configs/tiny.yaml` with the benchmark settings and `overrides` (later ones win)."""
+def run_config(data: Path, out: Path, *overrides: str, config: str = CONFIG) -> Any:
+    """`config` (default `configs/tiny.yaml`) with the benchmark settings and `overrides` (later ones win)."""
     from engram_pretrain.config import load_config
 
-    return load_config(CONFIG, [*BENCH_OVERRIDES, f"data.paths=[{data}]", f"output_dir={out}", *overrides])
+    return load_config(config, [*BENCH_OVERRIDES, f"data.paths=[{data}]", f"output_dir={out}", *overrides])
 
 
 def quiet() -> None:
@@ -185,25 +189,25 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
 
 # ---------------------------------------------------------------------------- the variants
 
-def iso_overrides(data: Path, out: Path, overrides: list[str]) -> tuple[list[str], int, int]:
+def iso_overrides(data: Path, out: Path, overrides: list[str], config: str) -> tuple[list[str], int, int]:
     """Overrides of the no-Engram baseline with the Engram model's activated parameters (widened dense
     FFN), and the two activated counts (with the LM head)."""
     from engram_pretrain.analysis.params import count_parameters
 
-    engram_cfg = run_config(data, out, *overrides).model
+    engram_cfg = run_config(data, out, *overrides, config=config).model
     target = count_parameters(engram_cfg).activated_with_head
-    plain = run_config(data, out, *overrides, "model.engram.layers=[]").model
+    plain = run_config(data, out, *overrides, "model.engram.layers=[]", config=config).model
     if not plain.moe.first_k_dense:
         raise ValueError("the iso-activated baseline widens the dense FFN: model.moe.first_k_dense must be "
                          ">= 1")
     per_unit = 3 * plain.hidden_size * plain.moe.first_k_dense  # w1, w3, w2 of every dense block
     width = plain.dense_ffn_dim + round((target - count_parameters(plain).activated_with_head) / per_unit)
     iso = ["model.engram.layers=[]", f"model.moe.dense_ffn_dim={width}"]
-    iso_cfg = run_config(data, out, *overrides, *iso).model
+    iso_cfg = run_config(data, out, *overrides, *iso, config=config).model
     return iso, target, count_parameters(iso_cfg).activated_with_head
 
 
-def _job(rank: int, world: int, data: str, out: str, variants: dict[str, list[str]], warmup: int,
+def _job(rank: int, world: int, config: str, data: str, out: str, variants: dict[str, list[str]], warmup: int,
          rounds: int, per_round: int) -> dict[str, Any]:
     """One rank: a trainer per variant, interleaved timed steps; the Engram parts timed separately."""
     quiet()
@@ -215,7 +219,7 @@ def _job(rank: int, world: int, data: str, out: str, variants: dict[str, list[st
     trainers, activated, steps = {}, {}, {}
     watch = Stopwatch()
     for name, overrides in variants.items():
-        cfg = run_config(Path(data), Path(out) / name, *overrides)
+        cfg = run_config(Path(data), Path(out) / name, *overrides, config=config)
         trainer = build_trainer(cfg, resume="none")
         trainers[name] = trainer
         activated[name] = count_parameters(cfg.model).activated_with_head
@@ -241,6 +245,7 @@ def _job(rank: int, world: int, data: str, out: str, variants: dict[str, list[st
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=CONFIG, help="MoE+Engram run config (e.g. configs/proxy-engram.yaml)")
     ap.add_argument("--nproc", type=int, default=1, help="gloo processes (1 thread each)")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--steps-per-round", type=int, default=3)
@@ -254,23 +259,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_engram_") as tmp:
         root = Path(tmp)
         common = [*args.overrides, f"deepspeed.zero_stage={args.zero_stage}"]
-        vocab = run_config(root, root, *common).model.vocab_size
+        vocab = run_config(root, root, *common, config=args.config).model.vocab_size
         data = synthetic_dataset(root, vocab)
-        iso, target, iso_act = iso_overrides(data, root, common)
+        iso, target, iso_act = iso_overrides(data, root, common, args.config)
         variants = {"engram": common, "iso": [*common, *iso], "plain": [*common, "model.engram.layers=[]"]}
         load_before = load_average()
-        res = run_jobs(_job, args.nproc, (str(data), str(root / "runs"), variants, args.warmup, args.rounds,
-                                          args.steps_per_round))
+        res = run_jobs(_job, args.nproc, (args.config, str(data), str(root / "runs"), variants, args.warmup,
+                                          args.rounds, args.steps_per_round))
         load_after = load_average()
-        cfg = run_config(data, root, *common)
+        cfg = run_config(data, root, *common, config=args.config)
     tokens = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len * args.nproc
     times = merge_ranks([r["times"] for r in res])
     parts, activated = res[0]["parts"], res[0]["activated"]
     wall = {n: summarize(t) for n, t in times["wall"].items()}
     cpu = {n: summarize(t) for n, t in times["cpu"].items()}
-    labels = {"engram": "MoE + Engram (tiny.yaml)", "iso": f"MoE, no Engram, iso-activated ({iso[1]})",
-              "plain": "MoE, no Engram (same backbone)"}
-    print(f"\nEngram overhead: {CONFIG}, {args.nproc} process(es) x 1 thread, ZeRO-{args.zero_stage}, "
+    labels = {"engram": f"MoE + Engram ({Path(args.config).name})",
+              "iso": f"MoE, no Engram, iso-activated ({iso[1]})", "plain": "MoE, no Engram (same backbone)"}
+    print(f"\nEngram overhead: {args.config}, {args.nproc} process(es) x 1 thread, ZeRO-{args.zero_stage}, "
           f"{tokens} tokens/step (micro batch {cfg.train.micro_batch_size} x seq {cfg.data.seq_len}), "
           f"{args.warmup} warm-up + {args.rounds} rounds x {args.steps_per_round} timed steps per variant")
     print(f"before: {load_before}; after: {load_after}\n")

@@ -20,8 +20,10 @@ Ours is stepped by the real trainer (`Trainer.train_step`: data, forward/backwar
 all-reduce of loss and expert loads, the MoE bias update and, for the Engram row, hashing and the row-sparse
 table update). HF is stepped by the same minimal loop the trainer runs for one micro-batch: next batch, LR
 set, `engine(input_ids)`, fp32 cross-entropy over the logits with the same (already shifted) labels,
-`engine.backward`, `engine.step`, one all-reduce of the loss. The variants are interleaved round by round
-(`benchmarks/engram_overhead.py`); warm-up steps excluded; medians and IQRs.
+`engine.backward`, `engine.step`, one all-reduce of the loss. The rows are interleaved round by round
+(`benchmarks/engram_overhead.py`), warm-up steps excluded; wall time (rank 0) and process CPU time (mean over
+the ranks; the steadier measure on a shared machine), medians and IQRs. tokens/s (CPU) = global tokens per
+step / CPU seconds per rank: about the throughput with one dedicated core per rank.
 
 `--profile`: one process, torch.profiler over a few steps of our MLA row and the first HF row; prints the top
 operators by self CPU time (the timing table is skipped).

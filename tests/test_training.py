@@ -216,8 +216,10 @@ def test_zero_stage_on_two_ranks_matches_single_process(zero_runs: dict[str, Any
         assert got["losses"][-1] < got["losses"][0]
         # Adam's normalised step turns reduction-order noise in near-zero gradients into differences of a
         # small fraction of the LR (3e-3), so weights get an absolute tolerance well below one LR step.
+        # Engram tables step at 5x the LR (1.5e-2 per step): their bound is 1/6 of one table step.
         for name, ref_tensor in ref["state"].items():
-            np.testing.assert_allclose(got["state"][name], ref_tensor, rtol=1e-3, atol=2e-4, err_msg=name)
+            atol = 2.5e-3 if name.endswith("engram.table.weight") else 2e-4
+            np.testing.assert_allclose(got["state"][name], ref_tensor, rtol=1e-3, atol=atol, err_msg=name)
 
 
 # ----------------------------------------------------------------------------- exact resume
