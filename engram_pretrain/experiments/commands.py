@@ -22,19 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .budget import accounting, relative_delta
 from .plan import FAMILIES, PlannedRun, RunSettings, finalize, load_family, select
-from .runner import (
-    is_finished,
-    local_command,
-    result_row,
-    run_local,
-    submit_array,
-    write_configs,
-    write_plan,
-    write_results,
-    write_task_list,
-)
 
 ISO_TOLERANCE = 0.01
 """Largest relative difference of total parameters from the reference accepted without a warning."""
@@ -122,6 +110,19 @@ def _execute(args: argparse.Namespace, runs: list[PlannedRun], settings: RunSett
              reference_name: str, meta: dict[str, Any],
              plot: Callable[[list[dict[str, Any]], Path], Any]) -> int:
     """Shared tail of both experiments: finalize, plan, configs, train / submit, collect, plot."""
+    from .budget import relative_delta
+    from .runner import (
+        is_finished,
+        local_command,
+        result_row,
+        run_local,
+        submit_array,
+        write_configs,
+        write_plan,
+        write_results,
+        write_task_list,
+    )
+
     by_note: dict[str, list[str]] = {}
     for run in runs:
         for note in finalize(run, settings):
@@ -180,6 +181,7 @@ def _execute(args: argparse.Namespace, runs: list[PlannedRun], settings: RunSett
 def cmd_ablation(args: argparse.Namespace) -> int:
     from ..analysis.figures import plot_layer_sweep, seed_noise
     from .ablation import ablation_plan
+    from .budget import accounting
 
     try:
         baseline, reference, how = _family(args)
@@ -215,6 +217,7 @@ def cmd_ablation(args: argparse.Namespace) -> int:
 def cmd_allocation(args: argparse.Namespace) -> int:
     from ..analysis.figures import plot_allocation
     from .allocation import allocation_plan
+    from .budget import accounting
 
     try:
         baseline, reference, how = _family(args)

@@ -17,10 +17,12 @@ import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import RunConfig, apply_override, from_dict, to_dict
-from .budget import Accounting, accounting, iso_moe_baseline
+
+if TYPE_CHECKING:
+    from .budget import Accounting
 
 FAMILIES: dict[str, tuple[str | None, str]] = {
     "proxy": ("proxy-moe", "proxy-engram"),
@@ -50,6 +52,8 @@ class PlannedRun:
     acc: Accounting | None = None
 
     def accounting(self) -> Accounting:
+        from .budget import accounting
+
         if self.acc is None:
             self.acc = accounting(self.cfg.model)
         return self.acc
@@ -90,6 +94,7 @@ def load_family(family: str, overrides: list[str] | None = None, baseline: str |
     """(baseline, reference, how the baseline was obtained) of a family; `baseline`/`reference` replace the
     family's presets (preset names or YAML paths). `overrides` apply to both before anything is derived."""
     from ..cli import load
+    from .budget import iso_moe_baseline
 
     if family not in FAMILIES and (baseline is None or reference is None):
         raise ValueError(f"unknown family '{family}' (known: {', '.join(FAMILIES)}); or give both "
