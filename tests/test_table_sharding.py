@@ -512,9 +512,9 @@ def test_training_with_sharded_and_host_tables_matches_replicated(e2e_runs: list
         for name in ("sharded", "sharded_host", "replicated_host"):
             assert r[name]["losses"] == pytest.approx(ref["losses"], rel=1e-5), name
             # fp32 sums in another order; Adam's normalised step turns that into differences far below one
-            # table LR step (3e-3 x 5)
+            # table LR step (3e-3 x 5 = 1.5e-2): the bound is 1/6 of a step, as in test_training's ZeRO parity
             for key, table in ref["tables"].items():
-                np.testing.assert_allclose(r[name]["tables"][key], table, rtol=1e-3, atol=5e-5, err_msg=key)
+                np.testing.assert_allclose(r[name]["tables"][key], table, rtol=1e-3, atol=2.5e-3, err_msg=key)
         for layer, rows in r["sharded"]["local_rows"].items():  # each rank holds half a table
             full_rows = r["replicated"]["local_rows"][layer]
             assert rows == full_rows // 2 + (1 if rank < full_rows % 2 else 0)
