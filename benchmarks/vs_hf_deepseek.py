@@ -22,14 +22,15 @@ table update). HF is stepped by the same minimal loop the trainer runs for one m
 set, `engine(input_ids)`, fp32 cross-entropy over the logits with the same (already shifted) labels,
 `engine.backward`, `engine.step`, one all-reduce of the loss. The rows are interleaved round by round
 (`benchmarks/engram_overhead.py`), warm-up steps excluded; wall time (rank 0) and process CPU time (mean over
-the ranks; the steadier measure on a shared machine), medians and IQRs. tokens/s (CPU) = global tokens per
+the ranks; the steadier measure on a shared machine), medians and IQRs; speeds both as the ratio of the
+medians and as the median of the per-round (paired) ratios. tokens/s (CPU) = global tokens per
 step / CPU seconds per rank: about the throughput with one dedicated core per rank.
 
 `--profile`: one process, torch.profiler over a few steps of our MLA row and the first HF row; prints the top
 operators by self CPU time (the timing table is skipped).
 
-Usage (repo root): python -m benchmarks.vs_hf_deepseek [--nproc 2] [--rounds 10] [--steps-per-round 3]
-    [--warmup 3] [--zero-stage 2] [--hf-experts grouped_mm,eager] [--profile] [--json out.json] [override ...]
+Usage (repo root): python -m benchmarks.vs_hf_deepseek [--nproc 2] [--rounds 30] [--steps-per-round 1]
+    [--warmup 3] [--zero-stage 2] [--hf-experts default,eager] [--profile] [--json out.json] [override ...]
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -212,8 +214,8 @@ def _profile_job(rank: int, world: int, data: str, out: str, variants: dict[str,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nproc", type=int, default=2, help="gloo processes (1 thread each), same for all rows")
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--steps-per-round", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--steps-per-round", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--zero-stage", type=int, default=2)
     ap.add_argument("--hf-experts", default="default,eager",
@@ -266,24 +268,25 @@ def main() -> None:
     for n in hf_names:
         labels[n] = f"HF DeepseekV3 (experts: {facts[n]['experts_implementation']})"
     rows = []
+    paired = {k: {n: [1.0 / r for r in round_ratios(times[k][n], times[k][ref])] for n in wall}
+              for k in ("wall", "cpu")}
     for name in wall:
         w, c = wall[name], cpu[name]
-        speed_wall = [1.0 / r for r in round_ratios(times["wall"][name], times["wall"][ref])]
-        speed_cpu = [1.0 / r for r in round_ratios(times["cpu"][name], times["cpu"][ref])]
         rows.append([labels[name], f"{facts[name]['params']:,}",
                      f"{w.median * 1e3:.0f} ({w.p25 * 1e3:.0f}-{w.p75 * 1e3:.0f})",
                      f"{c.median * 1e3:.0f} ({c.p25 * 1e3:.0f}-{c.p75 * 1e3:.0f})",
                      f"{tokens / w.median:,.0f}", f"{tokens / c.median:,.0f}",
-                     f"{wall[ref].median / w.median:.2f} ({spread(speed_wall)})",
-                     f"{cpu[ref].median / c.median:.2f} ({spread(speed_cpu)})"])
+                     f"{wall[ref].median / w.median:.2f}", spread(paired["wall"][name]),
+                     f"{cpu[ref].median / c.median:.2f}", spread(paired["cpu"][name])])
     print_table(["row", "params", "wall ms: median (IQR)", "CPU ms: median (IQR)", "tokens/s (wall)",
-                 "tokens/s (CPU)", "speed vs HF, wall (per-round IQR)", "speed vs HF, CPU (per-round IQR)"],
-                rows)
+                 "tokens/s (CPU)", "speed vs HF (wall)", "paired: median (IQR)", "speed vs HF (CPU)",
+                 "paired: median (IQR)"], rows)
     print(f"\nreference: {labels[ref]}")
-    for kind, summ in (("wall", wall), ("CPU", cpu)):
+    for kind, summ in (("wall", wall), ("cpu", cpu)):
         speedup = summ[ref].median / summ["ours"].median
-        print(f"ours (MLA, M=1, no Engram) / HF tokens/s, {kind} time: {speedup:.2f}x  "
-              f"goal >= 1.5x: {'met' if speedup >= 1.5 else 'NOT met'}")
+        pair = statistics.median(paired[kind]["ours"])
+        print(f"ours (MLA, M=1, no Engram) / HF tokens/s, {kind}: ratio of medians {speedup:.2f}x, paired "
+              f"median {pair:.2f}x  goal >= 1.5x: {'met' if min(speedup, pair) >= 1.5 else 'NOT met'}")
     if args.json:
         args.json.write_text(json.dumps({
             "args": vars(args) | {"json": str(args.json)}, "load_before": load_before,

@@ -221,11 +221,11 @@ class EngramModule(nn.Module):
             x = F.pad(x, (0, 0, width, 0))  # [B, width+T, G*D], zeros before the sequence start
         else:
             x = conv_state.extend(x, width)
-        w = self.conv.weight[:, 0, :]  # [G*D, K]
-        y = x[:, :t] * w[:, 0]
+        w = self.conv.weight[:, 0, :].t().contiguous()  # [K, G*D]: contiguous rows broadcast fast
+        y = x[:, :t] * w[0]
         for k in range(1, self.conv_kernel):
             shift = k * self.conv_dilation
-            y = y + x[:, shift:shift + t] * w[:, k]  # [B, T, G*D]
+            y = torch.addcmul(y, x[:, shift:shift + t], w[k])  # [B, T, G*D]
         return F.silu(y).reshape(b, t, g, d)
 
     def forward(self, h: torch.Tensor, row_ids: torch.Tensor, conv_state: ShortConvState | None = None,
