@@ -24,21 +24,11 @@ from engram_pretrain.experiments import runner
 from engram_pretrain.experiments.ablation import ABLATIONS, ablation_plan
 from engram_pretrain.experiments.allocation import allocation_plan
 from engram_pretrain.experiments.budget import calibrate_tables, counts, with_engram
-from engram_pretrain.experiments.plan import RunSettings, finalize, load_family, select
+from engram_pretrain.experiments.plan import RunSettings, finalize, flat, load_family, select
 from engram_pretrain.testing.datasets import make_dataset_dir
 from engram_pretrain.train.checkpoint import COMPLETE
 
 ISO = 0.01
-
-
-def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def rows_of(model) -> int:
