@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_analysis_commands(sub)  # analyze cka, analyze logit-lens
     from .export.commands import add_commands as add_export_commands
 
-    add_export_commands(sub)  # export <checkpoint> <out_dir>
+    add_export_commands(sub)  # export <checkpoint> <out_dir>, import <hf_dir> <run_dir>
     from .experiments.commands import add_commands as add_experiment_commands
     add_experiment_commands(sub)  # experiment ablation, experiment allocation
     return parser

@@ -144,6 +144,11 @@ class CheckpointConfig:
     resume: str | None = "auto"
     """`auto` resumes from the latest complete checkpoint if one exists; a path resumes from it;
     None starts fresh."""
+    init_from: str | None = None
+    """Continued pretraining: a run that starts fresh (nothing to resume) takes its model weights, MoE router
+    biases and Engram tables from this exported Hugging Face folder or training checkpoint (step_<N>/,
+    checkpoint or run directory); optimizer state, step and data position start fresh. Any parallel layout
+    (ZeRO stage, ep_size, table sharding) may differ from the source's."""
 
 
 @dataclass
@@ -358,6 +363,23 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- YAML + overrides
+
+def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(a: Any, b: Any) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ between two config dataclasses: key -> (a's, b's)."""
+    fa, fb = flat(to_dict(a)), flat(to_dict(b))
+    return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
+
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)

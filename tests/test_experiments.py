@@ -20,11 +20,12 @@ import yaml
 from engram_pretrain.analysis.figures import plot_allocation, plot_layer_sweep
 from engram_pretrain.analysis.params import count_parameters
 from engram_pretrain.cli import main
+from engram_pretrain.config import flat
 from engram_pretrain.experiments import runner
 from engram_pretrain.experiments.ablation import ABLATIONS, ablation_plan
 from engram_pretrain.experiments.allocation import allocation_plan
 from engram_pretrain.experiments.budget import calibrate_tables, counts, with_engram
-from engram_pretrain.experiments.plan import RunSettings, finalize, flat, load_family, select
+from engram_pretrain.experiments.plan import RunSettings, finalize, load_family, select
 from engram_pretrain.testing.datasets import make_dataset_dir
 from engram_pretrain.train.checkpoint import COMPLETE
 

@@ -8,7 +8,6 @@ same selected positions.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,68 +18,11 @@ import torch
 from ..data.dataset_dir import DatasetDir
 from ..data.packed import PackedSamples
 from ..model.transformer import EngramMoEModel
+from ..train.checkpoint import checkpoint_state_dict, resolve_checkpoint
+
+__all__ = ["checkpoint_state_dict", "resolve_checkpoint"]  # re-exported: analysis callers load checkpoints
 
 # ----------------------------------------------------------------------------- models
-
-
-def resolve_checkpoint(path: str | Path) -> Path | None:
-    """The `step_<N>` directory `path` names: itself, the latest in a checkpoint dir, or the latest in a run
-    directory's `checkpoints/`. None when `path` is none of these."""
-    from ..train.checkpoint import find_latest, is_complete
-
-    p = Path(path)
-    if is_complete(p):
-        return p
-    for root in (p, p / "checkpoints"):
-        if root.is_dir():
-            latest = find_latest(root)
-            if latest is not None:
-                return latest
-    return None
-
-
-def checkpoint_state_dict(step_dir: str | Path) -> dict[str, torch.Tensor]:
-    """Full fp32 state dict of a training checkpoint, tables included (`blocks.<L>.engram.table.weight`).
-
-    Backbone: with ZeRO stages 1-3, the fp32 master weights reconstructed by DeepSpeed's `zero_to_fp32` from
-    the optimizer partitions; with stage 0 or expert parallelism, the engine's module file (its compute
-    dtype), the routed experts then replaced by the fp32 shards of `experts/ep_rank_<r>.pt` concatenated in
-    expert order. Engram tables: the `tables/` row-range files (format 2) or `tables.pt` (format 1).
-    """
-    from ..parallel.expert_parallel import EXPERTS_DIR
-    from ..train.table_checkpoint import TABLES_DIR, read_full_tables
-
-    step_dir = Path(step_dir)
-    trainer = json.loads((step_dir / "trainer.json").read_text())
-    experts_dir = step_dir / EXPERTS_DIR
-    expert_parallel = (experts_dir / "meta.json").is_file()
-    if int(trainer.get("zero_stage", 0)) > 0 and not expert_parallel:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        from ..train.checkpoint import DS_TAG
-
-        state = dict(get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DS_TAG))
-    else:
-        files = sorted((step_dir / "ds").glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise ValueError(f"{step_dir}/ds: no mp_rank_*_model_states.pt (not a DeepSpeed checkpoint)")
-        state = dict(torch.load(files[0], map_location="cpu", weights_only=False)["module"])
-    if expert_parallel:
-        shards = [torch.load(f, map_location="cpu", weights_only=True)
-                  for f in sorted(experts_dir.glob("ep_rank_*.pt"))]
-        shards.sort(key=lambda sh: sh["expert_range"][0])
-        for name in json.loads((experts_dir / "meta.json").read_text())["weights"]:
-            state[name] = torch.cat([sh["weights"][name] for sh in shards])
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    if (step_dir / TABLES_DIR).is_dir():  # row-range files of replicated or sharded tables, assembled whole
-        tables = read_full_tables(step_dir / TABLES_DIR)
-    elif (step_dir / "tables.pt").is_file():
-        tables = torch.load(step_dir / "tables.pt", map_location="cpu", weights_only=True)
-    else:
-        tables = {}
-    for layer, weight in tables.items():
-        state[f"blocks.{int(layer)}.engram.table.weight"] = weight.float()
-    return state
 
 
 def load_checkpoint_model(step_dir: str | Path, dataset: DatasetDir | None = None) -> EngramMoEModel:
@@ -107,12 +49,6 @@ def load_checkpoint_model(step_dir: str | Path, dataset: DatasetDir | None = Non
         addressing = build_addressing(cfg, compression)
     model = EngramMoEModel(cfg, addressing)
     model.load_state_dict(checkpoint_state_dict(step_dir))
-    buffers = step_dir / "buffers.pt"
-    if buffers.is_file():  # the trainer restores the router biases from here too
-        biases = torch.load(buffers, map_location="cpu", weights_only=True)["moe_expert_bias"]
-        with torch.no_grad():
-            for moe, bias in zip(model.moe_layers(), biases, strict=True):
-                moe.router.expert_bias.copy_(bias)
     return model
 
 

@@ -23,10 +23,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from ..config import RunConfig
+from ..config import RunConfig, config_diff
 from ..model.config import ModelConfig
 from .budget import calibrate_tables, counts, with_engram
-from .plan import PlannedRun, config_diff
+from .plan import PlannedRun
 
 ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "wo_multi_branch": ("w/o multi branch", {"multi_branch": False}),

@@ -19,9 +19,9 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
-from ..config import RunConfig
+from ..config import RunConfig, config_diff
 from .budget import calibrate_tables, counts, routed_expert_cost, with_engram
-from .plan import PlannedRun, config_diff
+from .plan import PlannedRun
 
 DEFAULT_SHARES = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7)
 """Target Engram shares of the sparse parameters."""

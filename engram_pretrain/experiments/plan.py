@@ -155,18 +155,3 @@ def finalize(run: PlannedRun, s: RunSettings) -> list[str]:
     return notes
 
 
-def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def config_diff(a: RunConfig, b: RunConfig) -> dict[str, tuple[Any, Any]]:
-    """Dotted keys whose values differ: key -> (a's, b's)."""
-    fa, fb = flat(to_dict(a)), flat(to_dict(b))
-    return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}

@@ -28,10 +28,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig, dump_config, load_config
+from ..config import RunConfig, config_diff, dump_config, load_config
 from ..train.checkpoint import checkpoint_dir, is_complete, step_dir_name
 from .budget import relative_delta
-from .plan import PlannedRun, config_diff
+from .plan import PlannedRun
 
 METRICS_NAME = "metrics.jsonl"
 RUN_RECORD = "experiment_run.json"

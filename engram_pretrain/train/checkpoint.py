@@ -53,6 +53,9 @@ TMP_SUFFIX = ".tmp"
 COMPLETE = "complete"
 LATEST = "latest"
 DS_TAG = "ds"
+BUFFERS = "buffers.pt"
+ROUTER_BIAS = ".ffn.router.expert_bias"
+"""State-dict suffix of the MoE routers' loss-free balancing biases (`blocks.<L>.ffn.router.expert_bias`)."""
 FORMAT = 2
 """1: tables.pt + table_optim.pt (replicated only); 2: tables/ row-range files."""
 
@@ -122,6 +125,71 @@ def resolve_resume(resume: str | None, ckpt_dir: str | Path) -> Path | None:
             return latest
     raise ValueError(f"--resume {resume}: not a complete checkpoint (a step_<N> directory with a "
                      f"'{COMPLETE}' marker) nor a checkpoint directory containing one")
+
+
+def resolve_checkpoint(path: str | Path) -> Path | None:
+    """The `step_<N>` directory `path` names: itself, the latest in a checkpoint dir, or the latest in a run
+    directory's `checkpoints/`. None when `path` is none of these."""
+    p = Path(path)
+    if is_complete(p):
+        return p
+    for root in (p, p / "checkpoints"):
+        if root.is_dir():
+            latest = find_latest(root)
+            if latest is not None:
+                return latest
+    return None
+
+
+def checkpoint_state_dict(step_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict of a training checkpoint: the names of a model with local Engram tables
+    (`blocks.<L>.engram.table.weight`), MoE router biases included.
+
+    Backbone: with ZeRO stages 1-3, the fp32 master weights reconstructed by DeepSpeed's `zero_to_fp32` from
+    the optimizer partitions; with stage 0 or expert parallelism, the engine's module file (its compute
+    dtype), the routed experts then replaced by the fp32 shards of `experts/ep_rank_<r>.pt` concatenated in
+    expert order. Engram tables: the `tables/` row-range files (format 2) or `tables.pt` (format 1). Router
+    biases: `buffers.pt`, the copy the trainer restores from.
+    """
+    from ..parallel.expert_parallel import EXPERTS_DIR
+    from .table_checkpoint import read_full_tables
+
+    step_dir = Path(step_dir)
+    trainer = json.loads((step_dir / "trainer.json").read_text())
+    experts_dir = step_dir / EXPERTS_DIR
+    expert_parallel = (experts_dir / "meta.json").is_file()
+    if int(trainer.get("zero_stage", 0)) > 0 and not expert_parallel:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = dict(get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DS_TAG))
+    else:
+        files = sorted((step_dir / DS_TAG).glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise ValueError(f"{step_dir}/{DS_TAG}: no mp_rank_*_model_states.pt "
+                             "(not a DeepSpeed checkpoint)")
+        state = dict(torch.load(files[0], map_location="cpu", weights_only=False)["module"])
+    if expert_parallel:
+        shards = [torch.load(f, map_location="cpu", weights_only=True)
+                  for f in sorted(experts_dir.glob("ep_rank_*.pt"))]
+        shards.sort(key=lambda sh: sh["expert_range"][0])
+        for name in json.loads((experts_dir / "meta.json").read_text())["weights"]:
+            state[name] = torch.cat([sh["weights"][name] for sh in shards])
+    state = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in state.items()}
+    if (step_dir / TABLES_DIR).is_dir():  # row-range files of replicated or sharded tables, assembled whole
+        tables = read_full_tables(step_dir / TABLES_DIR)
+    elif (step_dir / "tables.pt").is_file():
+        tables = torch.load(step_dir / "tables.pt", map_location="cpu", weights_only=True)
+    else:
+        tables = {}
+    for layer, weight in tables.items():
+        state[f"blocks.{int(layer)}.engram.table.weight"] = weight.float()
+    if (step_dir / BUFFERS).is_file():
+        biases = torch.load(step_dir / BUFFERS, map_location="cpu", weights_only=True)["moe_expert_bias"]
+        names = sorted((k for k in state if k.endswith(ROUTER_BIAS)), key=lambda k: int(k.split(".")[1]))
+        if len(names) != len(biases):
+            raise ValueError(f"{step_dir}/{BUFFERS}: {len(biases)} router biases for {len(names)} MoE layers")
+        state.update({name: bias.float() for name, bias in zip(names, biases, strict=True)})
+    return state
 
 
 def _dir_bytes(path: Path) -> int:
@@ -219,7 +287,7 @@ class Checkpointer:
         if self.rank != 0:
             return
         biases = [m.router.expert_bias.detach().cpu().clone() for m in c.model.moe_layers()]
-        torch.save({"moe_expert_bias": biases}, tmp / "buffers.pt")
+        torch.save({"moe_expert_bias": biases}, tmp / BUFFERS)
         state = {"format": FORMAT, "step": step, "world_size": self.world_size, "zero_stage": c.zero_stage,
                  **trainer_state}
         (tmp / "trainer.json").write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
@@ -257,7 +325,7 @@ class Checkpointer:
         if c.expert_parallel is not None:
             c.expert_parallel.load(c.model, path)
         load_table_shards(c.tables, c.table_optimizer, path / TABLES_DIR)  # this rank's rows, any layout
-        biases = torch.load(path / "buffers.pt", map_location="cpu", weights_only=True)["moe_expert_bias"]
+        biases = torch.load(path / BUFFERS, map_location="cpu", weights_only=True)["moe_expert_bias"]
         with torch.no_grad():
             for moe, bias in zip(c.model.moe_layers(), biases, strict=True):
                 moe.router.expert_bias.copy_(bias.to(moe.router.expert_bias.device))

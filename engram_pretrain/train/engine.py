@@ -509,8 +509,10 @@ def build_table_optimizer(store: TableStore, cfg: RunConfig) -> Any | None:
     return HostRowSparseAdam(params, ops=store.ops, process_group=group, **kwargs)
 
 
-def build_components(cfg: RunConfig, info: DistInfo, dataset: DatasetDir | None) -> TrainComponents:
-    """Model + tables + DeepSpeed engine + table optimizer for this rank."""
+def build_components(cfg: RunConfig, info: DistInfo, dataset: DatasetDir | None,
+                     init_from: str | None = None) -> TrainComponents:
+    """Model + tables + DeepSpeed engine + table optimizer for this rank; with `init_from` (a Hugging Face
+    export or training checkpoint) the model and tables start from its weights (`checkpoint.init_from`)."""
     import deepspeed
 
     quiet_deepspeed()
@@ -524,6 +526,10 @@ def build_components(cfg: RunConfig, info: DistInfo, dataset: DatasetDir | None)
     expert_parallel = setup_expert_parallel(cfg, info.world_size, zero_stage)  # None when ep_size == 1
     model, store = build_model(cfg, compression_map_for(cfg, dataset), expert_parallel, device=info.device,
                                table_group=table_process_group(cfg))
+    if init_from is not None:
+        from .init_from import load_initial_weights
+
+        load_initial_weights(cfg, model, store, expert_parallel, init_from)
     optimizer = build_backbone_optimizer(model, cfg, ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            dist_init_required=False)

@@ -406,19 +406,24 @@ def build_trainer(cfg: RunConfig, resume: str | None = "auto") -> Trainer:
 
     info = init_distributed(cfg.launcher.backend)
     train_batches, valid_batches, dataset = build_loaders(cfg, info.rank, info.world_size)
-    components = build_components(cfg, info, dataset)
     ckpt_dir = checkpoint_dir(cfg)
+    path = resolve_resume(resume, ckpt_dir)
+    init_from = cfg.checkpoint.init_from if path is None else None
+    components = build_components(cfg, info, dataset, init_from=init_from)
     checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint.keep_last, info.rank, info.world_size)
     log_cfg = cfg.logging
     sink = MetricsSink(cfg.output_dir, info.rank, jsonl=log_cfg.jsonl, tensorboard=log_cfg.tensorboard,
                        wandb=log_cfg.wandb, wandb_project=log_cfg.wandb_project, run_name=cfg.name,
                        config=to_dict(cfg))
     trainer = Trainer(components, train_batches, valid_batches, checkpointer, sink)
-    path = resolve_resume(resume, ckpt_dir)
     if path is not None:
         trainer.restore(path)
-    elif resume == "auto" and info.rank == 0:
-        logger.info("no complete checkpoint in %s: starting fresh", ckpt_dir)
+        if cfg.checkpoint.init_from and info.rank == 0:
+            logger.info("checkpoint.init_from %s not used: resuming this run", cfg.checkpoint.init_from)
+    elif info.rank == 0:
+        fresh = f"the weights of {init_from}" if init_from else "a fresh initialisation"
+        where = f"no complete checkpoint in {ckpt_dir}" if resume == "auto" else "not resuming"
+        logger.info("%s: starting from %s", where, fresh)
     return trainer
 
 
