@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 CLI := $(PY) -m engram_pretrain.cli
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all lint docs params clean export
+.PHONY: setup demo test test-all lint docs params clean export import
+IMPORT_DATA ?= data/default
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -82,6 +83,9 @@ CHECKPOINT ?= runs/demo
 EXPORT_OUT ?= runs/demo/hf
 export: setup  ## export CHECKPOINT (run dir, checkpoint dir or step dir) as a Hugging Face folder EXPORT_OUT
 	$(CLI) export $(CHECKPOINT) $(EXPORT_OUT) $(EXPORT_ARGS)
+
+import: setup  ## HF folder HF_DIR -> RUN_DIR (config + step_0) to continue pretraining on IMPORT_DATA
+	$(CLI) import --data $(IMPORT_DATA) $(IMPORT_ARGS) $(HF_DIR) $(RUN_DIR) $(IMPORT_OVERRIDES)
 
 lint: setup
 	$(PY) -m ruff check .
