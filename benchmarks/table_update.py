@@ -4,7 +4,7 @@ One optimizer step of one Engram table [rows, dim] fp32 whose gradient touches `
 (uniform, like hashed n-gram ids; duplicates included, as the lookup backward produces them):
 
 - row-sparse (torch):  `RowSparseAdam.step` on the sparse COO gradient (coalesce + update of touched rows)
-- row-sparse (cpp):    `HostRowSparseAdam` with the C++/OpenMP sparse Adam (host tier; skipped when the
+- row-sparse (cpp):    `RowSparseAdam(ops=cpp)` with the C++/OpenMP sparse Adam (host tier; skipped when the
                        extension does not build)
 - dense AdamW:         `torch.optim.AdamW` on the same table with the equivalent dense gradient (every
                        row's moments decay and every row moves: the cost of treating tables as dense
@@ -32,7 +32,6 @@ import torch
 
 from engram_pretrain.kernels import OpBuildError, get_ops
 from engram_pretrain.memory.sparse_optim import RowSparseAdam
-from engram_pretrain.memory.tables import HostRowSparseAdam
 
 Case = tuple[Callable[[], None], Callable[[], None]]
 """(step, prepare): one optimizer step, and the untimed set-up of its gradient."""
@@ -109,7 +108,7 @@ def main() -> None:
                                                        lambda w: RowSparseAdam([w], grad_sync="none"))}
     if cpp is not None:
         makers["row-sparse (cpp)"] = lambda rows: sparse_case(
-            rows, args.dim, args.lookups, lambda w: HostRowSparseAdam([w], ops=cpp, grad_sync="none"))
+            rows, args.dim, args.lookups, lambda w: RowSparseAdam([w], ops=cpp, grad_sync="none"))
     if not args.no_dense:
         makers["dense AdamW"] = lambda rows: dense_case(rows, args.dim, args.lookups)
     results: dict[str, dict[int, list[tuple[float, float]]]] = {}

@@ -89,7 +89,6 @@ def _step_table(table: Any, ids: torch.Tensor, coef: torch.Tensor, opt: Any,
 def _sharded_job(rank: int, world: int) -> dict[str, Any]:
     from engram_pretrain.kernels import get_ops
     from engram_pretrain.memory.sparse_optim import RowSparseAdam
-    from engram_pretrain.memory.tables import HostRowSparseAdam
     from engram_pretrain.model.engram import LocalEngramTable
     from engram_pretrain.parallel.table_shard import ShardedTable, request_counts
 
@@ -102,7 +101,7 @@ def _sharded_job(rank: int, world: int) -> dict[str, Any]:
             table = ShardedTable(NUM_ROWS, DIM, lambda s, e: full[s:e].clone(), host=tier == "host",
                                  ops=get_ops("torch") if tier == "host" else None)
             if tier == "host":
-                opt = HostRowSparseAdam([table.weight], ops=get_ops("torch"), lr=LR, betas=BETAS, eps=EPS,
+                opt = RowSparseAdam([table.weight], ops=get_ops("torch"), lr=LR, betas=BETAS, eps=EPS,
                                         grad_sync="none")
             else:
                 opt = RowSparseAdam([table.weight], lr=LR, betas=BETAS, eps=EPS, grad_sync="none")
@@ -277,7 +276,7 @@ def host_ops(request: pytest.FixtureRequest) -> Any:
 
 def test_host_table_equals_device_table(host_ops: Any) -> None:
     from engram_pretrain.memory.sparse_optim import RowSparseAdam
-    from engram_pretrain.memory.tables import HostRowSparseAdam, HostTable
+    from engram_pretrain.memory.tables import HostTable
     from engram_pretrain.model.engram import LocalEngramTable
 
     full = _full_table()
@@ -287,7 +286,7 @@ def test_host_table_equals_device_table(host_ops: Any) -> None:
         device.weight.data = full.clone()
     ids, coef = _batch(0)
     ids2, coef2 = _batch(1)
-    host_opt = HostRowSparseAdam([host.weight], ops=host_ops, lr=LR, betas=BETAS, eps=EPS, grad_sync="none")
+    host_opt = RowSparseAdam([host.weight], ops=host_ops, lr=LR, betas=BETAS, eps=EPS, grad_sync="none")
     dev_opt = RowSparseAdam([device.weight], lr=LR, betas=BETAS, eps=EPS, grad_sync="none")
     for step, (i, c) in enumerate([(ids, coef), (ids2, coef2), (ids, coef2)]):
         host.prefetch(i)  # gathered on the background thread, consumed by the lookup
@@ -314,14 +313,15 @@ def test_host_table_equals_device_table(host_ops: Any) -> None:
 
 def test_host_prefetch_is_never_stale_and_falls_back_on_other_ids() -> None:
     from engram_pretrain.kernels import get_ops
-    from engram_pretrain.memory.tables import HostRowSparseAdam, HostTable
+    from engram_pretrain.memory.sparse_optim import RowSparseAdam
+    from engram_pretrain.memory.tables import HostTable
 
     ops = get_ops("torch")
     full = _full_table()
     host = HostTable(NUM_ROWS, DIM, "cpu", lambda s, e: full[s:e].clone(), ops=ops, pin_memory=False)
     ids, coef = _batch(0)
     other, _ = _batch(1)
-    opt = HostRowSparseAdam([host.weight], ops=ops, lr=LR, betas=BETAS, eps=EPS, grad_sync="none")
+    opt = RowSparseAdam([host.weight], ops=ops, lr=LR, betas=BETAS, eps=EPS, grad_sync="none")
     host.prefetch(ids)  # rows gathered now ...
     (host.lookup(other) ** 2).sum().backward()  # ... a lookup of other ids drops that prefetch
     assert host.stats.dropped == 1 and host.stats.direct == 1
@@ -368,7 +368,6 @@ def _reshard_job(rank: int, world: int, sharding: str, host: bool, load_from: st
                  save_to: str, seed: int) -> dict[int, dict[str, Any]]:
     from engram_pretrain.kernels import get_ops
     from engram_pretrain.memory.sparse_optim import RowSparseAdam
-    from engram_pretrain.memory.tables import HostRowSparseAdam
     from engram_pretrain.train.engine import TableStore
     from engram_pretrain.train.table_checkpoint import load_table_shards, save_table_shards
 
@@ -379,7 +378,7 @@ def _reshard_job(rank: int, world: int, sharding: str, host: bool, load_from: st
         make(layer, rows, 4)
     params = list(store.tables.values())
     sync = "none" if sharding == "sharded" else "mean"
-    opt = (HostRowSparseAdam(params, ops=ops, lr=0.05, grad_sync=sync) if host
+    opt = (RowSparseAdam(params, ops=ops, lr=0.05, grad_sync=sync) if host
            else RowSparseAdam(params, lr=0.05, grad_sync=sync))
     if load_from is None:  # two steps on per-rank batches: Adam state with row steps 1 and 2
         gen = torch.Generator().manual_seed(rank)

@@ -76,7 +76,7 @@ class RowSparseAdam(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  bias_correction: BiasCorrection = "row", process_group: Any | None = None,
-                 grad_sync: GradSync = "mean") -> None:
+                 grad_sync: GradSync = "mean", ops: Any | None = None) -> None:
         if lr < 0:
             raise ValueError(f"RowSparseAdam: lr={lr} must be >= 0")
         if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
@@ -97,6 +97,9 @@ class RowSparseAdam(torch.optim.Optimizer):
                                      f"got {tuple(p.shape)}")
         self.process_group = process_group
         self.grad_sync: GradSync = grad_sync
+        self.ops = ops
+        """Kernel ops (`kernels.get_ops(backend)`) whose `sparse_adam_update_` applies the per-row update
+        (the C++/OpenMP op for host tables); None: the torch reference (`kernels.reference`)."""
         self.touched_rows_last_step = 0
         """Distinct rows updated by the last step, summed over all tables (after the exchange)."""
         self.touched_rows_per_table: list[int] = []
@@ -214,28 +217,16 @@ class RowSparseAdam(torch.optim.Optimizer):
         self.touched_rows_last_step = sum(touched)
 
     def _update(self, p: Tensor, rows: Tensor, g: Tensor, group: dict[str, Any]) -> None:
-        """rows: [n] unique int64; g: [n, dim] reduced gradient of those rows."""
+        """rows: [n] unique ascending int64; g: [n, dim] reduced gradient of those rows."""
+        from ..kernels import reference
+
         state = self._state_of(p)
         state["step"] += 1
         b1, b2 = group["betas"]
-        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-        m_all, v_all, k_all = state["exp_avg"], state["exp_avg_sq"], state["row_step"]
-        g = g.to(m_all.dtype)
-        m = m_all.index_select(0, rows).mul_(b1).add_(g, alpha=1.0 - b1)  # [n, dim]
-        v = v_all.index_select(0, rows).mul_(b2).addcmul_(g, g, value=1.0 - b2)
-        k = k_all.index_select(0, rows) + 1  # [n]
-        m_all.index_copy_(0, rows, m)
-        v_all.index_copy_(0, rows, v)
-        k_all.index_copy_(0, rows, k)
-        if group["bias_correction"] == "row":
-            t = k.to(torch.float64)
-        else:
-            t = torch.full((rows.numel(),), float(state["step"]), dtype=torch.float64, device=rows.device)
-        bc1 = (1.0 - torch.pow(b1, t)).to(m.dtype).unsqueeze(-1)  # [n, 1]
-        bc2 = (1.0 - torch.pow(b2, t)).to(m.dtype).unsqueeze(-1)
-        update = (m / bc1) / ((v / bc2).sqrt_().add_(eps))
-        w = p.index_select(0, rows).to(m.dtype)
-        if wd != 0.0:
-            w.mul_(1.0 - lr * wd)
-        w.add_(update, alpha=-lr)
-        p.index_copy_(0, rows, w.to(p.dtype))
+        global_step = int(state["step"]) if group["bias_correction"] == "global" else None
+        grads = g.to(device=p.device, dtype=state["exp_avg"].dtype).contiguous()
+        ops = reference if self.ops is None else self.ops
+        ops.sparse_adam_update_(p.data, state["exp_avg"], state["exp_avg_sq"], state["row_step"],
+                                rows.to(p.device).contiguous(), grads, group["lr"], b1, b2, group["eps"],
+                                group["weight_decay"], global_step)
+        torch.autograd.graph.increment_version(p)  # extension ops write through raw pointers

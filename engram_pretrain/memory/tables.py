@@ -3,7 +3,7 @@
 Every table object implements the model's `EngramTable` protocol (`lookup(flat_row_ids) -> rows`,
 `num_rows`, `dim`) and exposes the parameter its optimizer updates as `weight`. The gradient contract is
 the same for every tier: backward leaves a *sparse COO* gradient on `weight` holding only the looked-up
-rows, which `RowSparseAdam` (or `HostRowSparseAdam`) applies.
+rows, which `RowSparseAdam` applies.
 
 Tiers of one block of rows (a whole table, or the shard a rank owns, see `parallel.table_shard`):
 
@@ -24,9 +24,9 @@ ids (the addresses are known from the batch) starts that gather in the backgroun
 `lookup(ids)` with equal ids consumes it. On a CPU-only machine the host is the device, but the same code
 path runs (buffers, thread, copy).
 
-`HostRowSparseAdam` is `RowSparseAdam` with its per-row update done by the kernels' sparse Adam
-(`kernels.get_ops(backend)`: the C++/OpenMP op for host tables when it builds, the torch reference
-otherwise); identical semantics and state layout, so checkpoints are interchangeable.
+Host tables are stepped by `RowSparseAdam(ops=kernels.get_ops(backend))`: the per-row update is the
+kernels' sparse Adam (the C++/OpenMP op when it builds, the torch reference otherwise); identical
+semantics and state layout, so checkpoints are interchangeable.
 
 Initialisation: `init_table_rows` draws row blocks of `INIT_BLOCK_ROWS` rows from generators seeded by
 (seed, layer, block), so any row range of a table can be produced on its own and a sharded table equals
@@ -45,8 +45,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-
-from .sparse_optim import RowSparseAdam
 
 INIT_BLOCK_ROWS = 1 << 16
 """Rows per independently seeded init block."""
@@ -334,26 +332,3 @@ class HostTable:
 
     def __repr__(self) -> str:
         return f"HostTable(num_rows={self.num_rows}, dim={self.dim}, pinned={self.store.pin})"
-
-
-# ---------------------------------------------------------------------------- optimizer
-
-class HostRowSparseAdam(RowSparseAdam):
-    """`RowSparseAdam` whose per-row update is the kernels' sparse Adam (`ops.sparse_adam_update_`: C++ for
-    host tables when it builds, else the torch reference). Same semantics, state and checkpoints."""
-
-    def __init__(self, params: Any, ops: Any, **kwargs: Any) -> None:
-        super().__init__(params, **kwargs)
-        self.ops = ops
-
-    def _update(self, p: Tensor, rows: Tensor, g: Tensor, group: dict[str, Any]) -> None:
-        """rows: [n] unique ascending int64; g: [n, dim] reduced gradient of those rows."""
-        state = self._state_of(p)
-        state["step"] += 1
-        b1, b2 = group["betas"]
-        global_step = int(state["step"]) if group["bias_correction"] == "global" else None
-        grads = g.to(device=p.device, dtype=state["exp_avg"].dtype).contiguous()
-        self.ops.sparse_adam_update_(p.data, state["exp_avg"], state["exp_avg_sq"], state["row_step"],
-                                     rows.to(p.device).contiguous(), grads, group["lr"], b1, b2, group["eps"],
-                                     group["weight_decay"], global_step)
-        torch.autograd.graph.increment_version(p)  # extension ops write through raw pointers

@@ -488,13 +488,12 @@ def build_table_optimizer(store: TableStore, cfg: RunConfig) -> Any | None:
 
     Replicated tables average the row gradients over the data-parallel ranks (`grad_sync="mean"`); sharded
     tables already received them on the owner (`ShardedTable` divides by the world: the same mean), so each
-    rank steps its own rows (`"none"`). Host tables are stepped by `HostRowSparseAdam` (kernels' sparse
-    Adam on the host); replicated host tables exchange their row gradients over a gloo group under NCCL.
+    rank steps its own rows (`"none"`). Host tables are stepped by the store's kernel ops (C++ sparse Adam
+    on the host); replicated host tables exchange their row gradients over a gloo group under NCCL.
     Collective (may create a process group)."""
     if not store.tables:
         return None
     from ..memory.sparse_optim import RowSparseAdam
-    from ..memory.tables import HostRowSparseAdam
 
     o = cfg.optimizer
     params = list(store.tables.values())
@@ -506,7 +505,7 @@ def build_table_optimizer(store: TableStore, cfg: RunConfig) -> Any | None:
     group = None
     if not store.sharded and dist.is_initialized() and dist.get_backend() == "nccl":
         group = dist.new_group(ranks=list(range(dist.get_world_size())), backend="gloo")
-    return HostRowSparseAdam(params, ops=store.ops, process_group=group, **kwargs)
+    return RowSparseAdam(params, ops=store.ops, process_group=group, **kwargs)
 
 
 def build_components(cfg: RunConfig, info: DistInfo, dataset: DatasetDir | None,
