@@ -14,13 +14,16 @@ import functools
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from tokenizers import Regex, Tokenizer, normalizers
+
+if TYPE_CHECKING:  # torch is imported lazily: data-prep workers never need it
+    import torch
 
 _SENTINEL = "\ue000"
 _FORMAT = "engram-compression-map"
@@ -163,7 +166,8 @@ class CompressionMap:
 
         Negative ids are returned unchanged; ids >= vocab_size raise ValueError.
         """
-        if isinstance(ids, torch.Tensor):
+        torch = sys.modules.get("torch")  # a torch tensor implies torch is imported
+        if torch is not None and isinstance(ids, torch.Tensor):
             x = ids.long()
             if x.numel() and int(x.max()) >= self.vocab_size:
                 raise ValueError(f"token id {int(x.max())} >= vocab_size {self.vocab_size}")
@@ -175,6 +179,8 @@ class CompressionMap:
         return np.where(arr >= 0, self.lookup[np.clip(arr, 0, None)], arr)
 
     def _lookup_on(self, device: torch.device) -> torch.Tensor:
+        import torch
+
         key = str(device)
         if key not in self._torch_lookup:
             self._torch_lookup[key] = torch.from_numpy(self.lookup).to(device)
