@@ -155,8 +155,8 @@ class RowSparseAdam(torch.optim.Optimizer):
                 params: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
         """All-gather every table's rows across the group, sum duplicates, apply the reduction."""
         world = self._world()
-        if world == 1:
-            return [self._coalesce(idx, val, p, 1) for (idx, val), p in zip(locals_, params, strict=True)]
+        if world == 1:  # `_local_rows` already coalesced them (sorted unique rows); nothing to reduce
+            return locals_
         group = self.process_group
         device = params[0].device
         counts = torch.tensor([idx.numel() for idx, _ in locals_], dtype=torch.int64, device=device)
