@@ -42,35 +42,60 @@ from .config import HyperConnectionConfig
 __all__ = ["HeadCollapse", "HyperConnection", "expand_streams", "sinkhorn"]
 
 
-def _sinkhorn_loop(logits: Tensor, iters: int, eps: float) -> Tensor:
-    """Shipped Sinkhorn recipe in H_res coordinates. logits: [..., M, M] -> H_res: [..., M, M]."""
-    h = torch.softmax(logits, dim=-2) + eps  # exp fused with the first column normalisation
-    h = h / (h.sum(dim=-1, keepdim=True) + eps)
-    for _ in range(iters - 1):
-        h = h / (h.sum(dim=-2, keepdim=True) + eps)
-        h = h / (h.sum(dim=-1, keepdim=True) + eps)
+def _sinkhorn_loop(logits: Tensor, iters: int, eps: float, tape: list[Tensor] | None = None) -> Tensor:
+    """Shipped Sinkhorn recipe in H_res coordinates, tokens last: logits [M (k), M (j), N] -> H_res, same.
+
+    Tokens-last makes every row/column sum a sum of M contiguous length-N vectors (vectorised) instead of
+    N strided reductions over M = 4 elements: ~3x faster on the CPU. With `tape`, appends what the analytic
+    backward needs: the column softmax, then for each normalisation its output and denominator (sum + eps).
+    """
+    h = torch.softmax(logits, dim=0)  # exp fused with the first column normalisation
+    if tape is not None:
+        tape.append(h)
+    h = h + eps
+    for i in range(2 * iters - 1):  # row, then (column, row) x (iters - 1)
+        denom = h.sum(dim=1 if i % 2 == 0 else 0, keepdim=True).add_(eps)
+        h = h / denom
+        if tape is not None:
+            tape += [h, denom]
     return h
 
 
+def _tokens_last(x: Tensor) -> Tensor:
+    """[..., M, M] -> [M, M, N] (contiguous)."""
+    m = x.shape[-1]
+    return x.reshape(x.shape[:-2].numel(), m, m).permute(1, 2, 0).contiguous()
+
+
+def _tokens_first(x: Tensor, shape: torch.Size) -> Tensor:
+    """[M, M, N] -> `shape` ([..., M, M])."""
+    return x.permute(2, 0, 1).reshape(shape)
+
+
 class _SinkhornFunction(torch.autograd.Function):
-    """Sinkhorn that saves only its logits and recomputes the iterations in backward (mHC §4.3)."""
+    """Sinkhorn that saves only its logits; backward re-runs the loop and applies the analytic
+    vector-Jacobian products of its steps in reverse (mHC §4.3): for out = h / (sum(h) + eps),
+    dh = (g - sum(g * out)) / (sum(h) + eps); for the column softmax s, dlogits = s * (g - sum(g * s))."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, iters: int, eps: float) -> Tensor:
-        ctx.save_for_backward(logits)
-        ctx.iters = iters
-        ctx.eps = eps
-        return _sinkhorn_loop(logits, iters, eps)
+        flat = _tokens_last(logits)
+        ctx.save_for_backward(flat)
+        ctx.iters, ctx.eps, ctx.shape = iters, eps, logits.shape
+        return _tokens_first(_sinkhorn_loop(flat, iters, eps), logits.shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None]:
-        (logits,) = ctx.saved_tensors
-        with torch.enable_grad():
-            leaf = logits.detach().requires_grad_(True)
-            out = _sinkhorn_loop(leaf, ctx.iters, ctx.eps)
-            (grad,) = torch.autograd.grad(out, leaf, grad_out)
-        return grad, None, None
+        (flat,) = ctx.saved_tensors
+        tape: list[Tensor] = []
+        _sinkhorn_loop(flat, ctx.iters, ctx.eps, tape)
+        g = _tokens_last(grad_out)
+        for i in reversed(range(2 * ctx.iters - 1)):
+            out, denom = tape[1 + 2 * i], tape[2 + 2 * i]
+            g = (g - (g * out).sum(dim=1 if i % 2 == 0 else 0, keepdim=True)) / denom
+        soft = tape[0]
+        return _tokens_first(soft * (g - (g * soft).sum(dim=0, keepdim=True)), ctx.shape), None, None
 
 
 def sinkhorn(logits: Tensor, iters: int, eps: float, recompute_backward: bool = True) -> Tensor:
@@ -89,7 +114,7 @@ def sinkhorn(logits: Tensor, iters: int, eps: float, recompute_backward: bool = 
         raise ValueError(f"sinkhorn iters must be >= 1, got {iters}")
     if recompute_backward and torch.is_grad_enabled() and logits.requires_grad:
         return _SinkhornFunction.apply(logits, iters, eps)
-    return _sinkhorn_loop(logits, iters, eps)
+    return _tokens_first(_sinkhorn_loop(_tokens_last(logits), iters, eps), logits.shape)
 
 
 def expand_streams(x: Tensor, num_streams: int) -> Tensor:
