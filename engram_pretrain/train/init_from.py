@@ -62,7 +62,10 @@ def load_initial_weights(cfg: RunConfig, model: EngramMoEModel, store: TableStor
                        ", ".join(f"model.{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
     tables = {int(name.split(".")[1]): state.pop(name) for name in list(state) if name.endswith(TABLE_SUFFIX)}
     if expert_parallel is not None:
-        state = expert_parallel.local_expert_state(model, state)
+        try:
+            state = expert_parallel.local_expert_state(model, state)
+        except ValueError as err:
+            raise ConfigError(f"{KEY}: the weights of {source} do not fit this run's model: {err}") from None
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     shapes = [f"{n} {tuple(state[n].shape)} vs {tuple(own[n].shape)}" for n in own
