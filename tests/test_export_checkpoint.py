@@ -174,3 +174,31 @@ def test_init_from_rejects_a_model_it_does_not_fit(source: dict[str, Path], tmp_
         dist.destroy_process_group()
 
 
+
+
+def test_init_from_a_tied_export_reads_the_shared_head(source: dict[str, Path], tmp_path: Path) -> None:
+    """An export stores a tied LM head once (as the embedding); loading it fills both names."""
+    from engram_pretrain.config import load_config
+    from engram_pretrain.data.dataset_dir import DatasetDir
+    from engram_pretrain.export.exporter import export_model
+    from engram_pretrain.memory.addressing import build_addressing
+    from engram_pretrain.model.transformer import EngramMoEModel
+    from engram_pretrain.train.engine import build_model
+    from engram_pretrain.train.init_from import load_initial_weights
+
+    dataset = DatasetDir(source["data"])
+    cfg = load_config(None, [*MODEL, *TRAINING, "model.tie_embeddings=true",
+                             f"data.paths=[{source['data']}]"])
+    torch.manual_seed(7)
+    original = EngramMoEModel(cfg.model, build_addressing(cfg.model, dataset.compression_map()))
+    out = export_model(original, None, dataset.tokenizer_dir, dataset.path / "compression_map.npz",
+                       tmp_path / "hf")
+    model, store = build_model(cfg, dataset.compression_map())  # another seed: different weights before
+    load_initial_weights(cfg, model, store, None, out)
+    want = original.state_dict()
+    got = {**model.state_dict(), **{f"blocks.{k}.engram.table.weight": store.full_weight(k)
+                                    for k in store.layers()}}
+    assert sorted(got) == sorted(want)
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name
+    assert model.lm_head.weight.data_ptr() == model.embed.weight.data_ptr()  # still tied after loading

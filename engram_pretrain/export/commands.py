@@ -70,10 +70,10 @@ def import_folder(hf_dir: str | Path, run_dir: str | Path, config: str | None = 
     """
     from ..cli import load
     from ..config import ConfigError, RunConfig, dump_config, load_config
-    from .importer import import_hf
+    from .importer import read_hf_config
 
     hf_dir, run_dir = Path(hf_dir).absolute(), Path(run_dir)
-    model_cfg, _, _ = import_hf(hf_dir)  # validates the folder before anything is written
+    model_cfg, _ = read_hf_config(hf_dir)  # weights are read once, by the trainer's init_from
     cfg: RunConfig = load(config, overrides or []) if config else load_config(None, overrides or [])
     cfg.model = model_cfg
     cfg.output_dir = str(run_dir)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -32,16 +33,51 @@ def _weight_files(folder: Path) -> list[Path]:
     raise ValueError(f"{folder}: no {SAFE_WEIGHTS} or {SAFE_INDEX}")
 
 
+class ExportedTensors:
+    """Lazy access to the tensors of an export (names without the `model.` prefix; the tied LM head is not
+    listed). `get(name, start, end)` reads only rows [start, end) of one tensor from its memory-mapped
+    safetensors file: a rank loading an export reads just its experts and table rows."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self._file: dict[str, Path] = {}
+        for path in _weight_files(self.folder):
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    if not key.startswith(WEIGHT_PREFIX):
+                        raise ValueError(f"{path.name}: tensor {key!r} lacks the {WEIGHT_PREFIX!r} prefix")
+                    self._file[key[len(WEIGHT_PREFIX):]] = path
+
+    def names(self) -> list[str]:
+        return list(self._file)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        with safe_open(str(self._file[name]), framework="pt") as f:
+            return tuple(f.get_slice(WEIGHT_PREFIX + name).get_shape())
+
+    def get(self, name: str, start: int | None = None, end: int | None = None) -> torch.Tensor:
+        """The tensor `name`, or its rows [start, end)."""
+        with safe_open(str(self._file[name]), framework="pt") as f:
+            if start is None and end is None:
+                return f.get_tensor(WEIGHT_PREFIX + name)
+            return f.get_slice(WEIGHT_PREFIX + name)[start:end]
+
+
 def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of an export, names without the `model.` prefix (the tied LM head is not restored)."""
-    state: dict[str, torch.Tensor] = {}
-    for path in _weight_files(Path(folder)):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                if not key.startswith(WEIGHT_PREFIX):
-                    raise ValueError(f"{path.name}: tensor {key!r} lacks the {WEIGHT_PREFIX!r} prefix")
-                state[key[len(WEIGHT_PREFIX):]] = f.get_tensor(key)
-    return state
+    tensors = ExportedTensors(folder)
+    return {name: tensors.get(name) for name in tensors.names()}
+
+
+def read_hf_config(folder: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
+    """(our model config, the whole config.json) of an exported folder, without reading any weights."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    hf = json.loads((folder / "config.json").read_text())
+    if hf.get("model_type") != "engram_moe":
+        raise ValueError(f"{folder}: model_type is {hf.get('model_type')!r}, expected 'engram_moe'")
+    return model_config_from_dict(hf["model_config"]), hf
 
 
 def import_hf(
@@ -49,12 +85,7 @@ def import_hf(
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], EngramAddressing | None]:
     """(model config, state dict, addressing) of an exported folder; raises ValueError if inconsistent."""
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    hf = json.loads((folder / "config.json").read_text())
-    if hf.get("model_type") != "engram_moe":
-        raise ValueError(f"{folder}: model_type is {hf.get('model_type')!r}, expected 'engram_moe'")
-    cfg = model_config_from_dict(hf["model_config"])
+    cfg, hf = read_hf_config(folder)
     state = read_state_dict(folder)
     if cfg.tie_embeddings and "embed.weight" in state:
         state["lm_head.weight"] = state["embed.weight"]

@@ -263,20 +263,13 @@ class ExpertParallel:
             out[name] = torch.cat(parts).detach().cpu()
         return out
 
-    def local_expert_state(self, model: EngramMoEModel, state: dict[str, Tensor]) -> dict[str, Tensor]:
-        """`state` (a full state dict, every routed expert weight [E, ...]) with the routed expert weights
-        cut to this EP rank's experts: the inverse of `full_expert_state` (loads whole-model weights into
-        an expert-parallel model of any ep_size)."""
+    def local_expert_range(self, model: EngramMoEModel) -> tuple[list[str], int, int, int]:
+        """(state-dict names of the routed expert weights, [E, ...] in a whole model; this EP rank's first
+        and end global expert; the global expert count): what a rank takes from whole-model weights."""
         experts = model.moe_layers()[0].experts
-        lo, hi = experts.expert_offset, experts.expert_offset + experts.num_experts
-        out = dict(state)
-        for name, _ in self._expert_params(model):
-            if name in out:
-                if out[name].shape[0] != experts.num_global_experts:
-                    raise ValueError(f"{name}: {out[name].shape[0]} experts, the model has "
-                                     f"{experts.num_global_experts}")
-                out[name] = out[name][lo:hi]
-        return out
+        names = [name for name, _ in self._expert_params(model)]
+        first = experts.expert_offset
+        return names, first, first + experts.num_experts, experts.num_global_experts
 
     @staticmethod
     def _expert_params(model: EngramMoEModel) -> list[tuple[str, nn.Parameter]]:

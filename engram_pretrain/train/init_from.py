@@ -1,10 +1,11 @@
 """`checkpoint.init_from`: start a fresh run from another model's weights (continued pretraining).
 
 The source is an exported Hugging Face folder (`engram-pretrain export`) or a training checkpoint (a
-`step_<N>/`, checkpoint or run directory). Its full state dict (backbone, MoE router biases, whole Engram
-tables) is loaded into this rank's model *before* DeepSpeed wraps it, so any ZeRO stage builds its master
-weights and partitions from the loaded values; routed experts are cut to this rank's expert-parallel slice
-and tables to its row range. Optimizer state, step counter and data position start fresh.
+`step_<N>/`, checkpoint or run directory). Its weights (backbone, MoE router biases, Engram tables) are
+loaded into this rank's model *before* DeepSpeed wraps it, so any ZeRO stage builds its master weights and
+partitions from the loaded values; each rank takes its expert-parallel slice of the routed experts and its
+row range of every table (from an export, reading only those rows). Optimizer state, step counter and data
+position start fresh.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..config import ConfigError, RunConfig, config_diff, from_dict, read_yaml_tree
+from ..export.importer import ExportedTensors, read_hf_config
 from ..model.config import ModelConfig
 from .checkpoint import checkpoint_state_dict, resolve_checkpoint
 
@@ -30,63 +32,89 @@ KEY = "checkpoint.init_from"
 TABLE_SUFFIX = ".engram.table.weight"
 
 
-def read_source(source: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """(model config, full fp32 state dict with tables and router biases) of a Hugging Face folder written by
-    the exporter or of a training checkpoint."""
+class _InMemory:
+    """The `ExportedTensors` interface over a state dict (training-checkpoint sources)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        self.state = state
+
+    def names(self) -> list[str]:
+        return list(self.state)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.state[name].shape)
+
+    def get(self, name: str, start: int | None = None, end: int | None = None) -> torch.Tensor:
+        return self.state[name][start:end]
+
+
+def read_source(source: str | Path) -> tuple[ModelConfig, ExportedTensors | _InMemory]:
+    """(model config, tensor access) of a Hugging Face folder written by the exporter (lazy: tensors and row
+    ranges are read on demand) or of a training checkpoint (consolidated in memory: ZeRO partitions, expert
+    shards, table ranges, router biases)."""
     path = Path(source)
     if (path / "config.json").is_file():
-        from ..export.importer import import_hf
-
-        cfg, state, _ = import_hf(path)
-        return cfg, state
+        cfg, _ = read_hf_config(path)
+        return cfg, ExportedTensors(path)
     step = resolve_checkpoint(path)
     if step is None:
         raise ConfigError(f"{KEY}: {source} is neither an exported Hugging Face folder (config.json) nor a "
                           "complete training checkpoint, checkpoint directory or run directory holding one")
     cfg = from_dict(ModelConfig, read_yaml_tree(step / "config.yaml").get("model", {}), "model.")
-    return cfg, checkpoint_state_dict(step)
+    return cfg, _InMemory(checkpoint_state_dict(step))
 
 
 def load_initial_weights(cfg: RunConfig, model: EngramMoEModel, store: TableStore,
                          expert_parallel: ExpertParallel | None, source: str | Path) -> None:
-    """Copy the weights of `source` into `model` (this rank's experts) and `store` (this rank's table rows).
+    """Copy the weights of `source` into `model` (this rank's routed experts) and `store` (this rank's table
+    rows); from an export, only those rows are read.
 
     Raises ConfigError naming `checkpoint.init_from` when the source does not fit the run's model: other
     parameter names or shapes, or another Engram addressing (tokenizer compression map, hashing settings:
     the tables' rows would mean different n-grams). Model settings that change no tensor (e.g. the aux-loss
     weight) may differ; they are logged."""
-    source_cfg, state = read_source(source)
+    source_cfg, src = read_source(source)
     changed = config_diff(source_cfg, cfg.model)
     if changed:
         logger.warning("%s: model settings differ from %s: %s", KEY, source,
                        ", ".join(f"model.{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-    tables = {int(name.split(".")[1]): state.pop(name) for name in list(state) if name.endswith(TABLE_SUFFIX)}
-    if expert_parallel is not None:
-        try:
-            state = expert_parallel.local_expert_state(model, state)
-        except ValueError as err:
-            raise ConfigError(f"{KEY}: the weights of {source} do not fit this run's model: {err}") from None
+    names = set(src.names())
+    tied = source_cfg.tie_embeddings and "lm_head.weight" not in names  # exports store a tied head once
+    alias = {"lm_head.weight": "embed.weight"} if tied else {}
+    tables = {int(name.split(".")[1]): name for name in names if name.endswith(TABLE_SUFFIX)}
+    available = (names - set(tables.values())) | set(alias)
+    experts, lo, hi, num_experts = ([], 0, 0, 0) if expert_parallel is None else \
+        expert_parallel.local_expert_range(model)
     own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = [f"{n} {tuple(state[n].shape)} vs {tuple(own[n].shape)}" for n in own
-              if n in state and state[n].shape != own[n].shape]
-    shapes += [f"layer {layer} table {tuple(full.shape)} vs ({store.table(layer).num_rows}, "
-               f"{store.weight(layer).shape[1]})" for layer, full in sorted(tables.items())
-               if layer in store.layers()
-               and tuple(full.shape) != (store.table(layer).num_rows, store.weight(layer).shape[1])]
+
+    def source_shape(name: str) -> tuple[int, ...]:
+        return src.shape(alias.get(name, name))
+
+    def run_shape(name: str) -> tuple[int, ...]:  # as a whole model holds it
+        shape = tuple(own[name].shape)
+        return (num_experts, *shape[1:]) if name in experts else shape
+
+    missing, unexpected = sorted(set(own) - available), sorted(available - set(own))
+    shapes = [f"{n} {source_shape(n)} vs {run_shape(n)}" for n in own
+              if n in available and source_shape(n) != run_shape(n)]
+    for layer in sorted(set(tables) & set(store.layers())):
+        want = (store.table(layer).num_rows, store.weight(layer).shape[1])
+        if src.shape(tables[layer]) != want:
+            shapes.append(f"layer {layer} table {src.shape(tables[layer])} vs {want}")
     if sorted(tables) != store.layers():
         missing.append(f"Engram tables at layers {store.layers()} (source: {sorted(tables)})")
     if missing or unexpected or shapes:
         raise ConfigError(f"{KEY}: the weights of {source} do not fit this run's model: "
                           f"missing {missing[:4]}, unexpected {unexpected[:4]}, "
                           f"shapes (source vs run) {shapes[:4]}")
+    state = {name: src.get(alias.get(name, name), *((lo, hi) if name in experts else ())) for name in own}
     for name, value in own.items():
         if name.startswith("addresser.") and not torch.equal(value.cpu(), state[name]):
             raise ConfigError(f"{KEY}: {source} addresses its Engram tables differently ({name} differs): "
                               "another tokenizer compression map or Engram hashing settings")
     model.load_state_dict(state, strict=True)
     with torch.no_grad():
-        for layer, full in tables.items():
+        for layer, name in tables.items():
             weight = store.weight(layer)
             start, end = store.row_range(layer)
-            weight.copy_(full[start:end].to(weight.dtype))
+            weight.copy_(src.get(name, start, end).to(weight.dtype))
