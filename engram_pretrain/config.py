@@ -271,6 +271,8 @@ class RunConfig:
         _need(self.model.moe.num_routed_experts % p.ep_size == 0, "parallel.ep_size",
               f"{p.ep_size} must divide model.moe.num_routed_experts={self.model.moe.num_routed_experts}")
         _need(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+        _need(self.checkpoint.init_from is None or bool(str(self.checkpoint.init_from).strip()),
+              "checkpoint.init_from", "must be a path (an exported folder or a checkpoint) or null")
         _need(self.launcher.nodes >= 1, "launcher.nodes", "must be >= 1")
         _need(self.launcher.procs_per_node >= 1, "launcher.procs_per_node", "must be >= 1")
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -101,6 +102,16 @@ def test_import_round_trip_and_continued_pretraining(source: dict[str, Path]) ->
     for name, value in want.items():
         assert torch.equal(got[name], value), name  # export -> import is bitwise
 
+    # step_0 was written by one process: 2 ranks with expert parallelism cannot resume it and load the
+    # export it names instead (it holds nothing else)
+    results = run_distributed(_layout_job, 2, args=(
+        str(source["data"]), str(root / "imported-ep2"), str(source["hf"]),
+        ["parallel.ep_size=2", f"checkpoint.dir={imported / 'checkpoints'}"], "auto"))
+    for result in results:
+        assert not result["resumed"] and result["init_from"] == str(source["hf"])
+        for name, value in want.items():
+            np.testing.assert_array_equal(result["state"][name], value.numpy(), err_msg=name)
+
     # Continued pretraining: the imported run (resuming step_0) and a run initialised straight from the
     # source checkpoint see the same weights, data and fresh optimizer: the same losses.
     done = _run("train", str(imported / "config.yaml"))
@@ -115,18 +126,18 @@ def test_import_round_trip_and_continued_pretraining(source: dict[str, Path]) ->
     assert continued[0] < scratch[0]  # it continued from trained weights, not from a fresh init
 
 
-def _layout_job(rank: int, world: int, data: str, out: str, source: str,
-                overrides: list[str]) -> dict[str, np.ndarray]:
+def _layout_job(rank: int, world: int, data: str, out: str, source: str, overrides: list[str],
+                resume: str = "none") -> dict[str, Any]:
     from engram_pretrain.config import load_config
     from engram_pretrain.train.engine import consolidated_state_dict
     from engram_pretrain.train.loop import build_trainer
 
     cfg = load_config(None, [*MODEL, *TRAINING, f"data.paths=[{data}]", f"output_dir={out}",
                              f"checkpoint.init_from={source}", *overrides])
-    trainer = build_trainer(cfg, "none")
+    trainer = build_trainer(cfg, resume)
     state = {k: v.numpy() for k, v in consolidated_state_dict(trainer.c).items()}
     trainer.sink.close()
-    return state
+    return {"state": state, "init_from": trainer.init_from, "resumed": trainer.last_checkpoint is not None}
 
 
 @pytest.mark.parametrize("overrides", [
@@ -139,9 +150,10 @@ def test_init_from_export_into_another_parallel_layout(source: dict[str, Path], 
     """Two ranks load the single-process export: experts cut to each EP rank, tables to each row shard,
     ZeRO-3 partitions built from the loaded values; gathered back, every tensor equals the source."""
     want = _source_state(source["run"])
-    states = run_distributed(_layout_job, 2, args=(str(source["data"]), str(tmp_path / "run"),
-                                                   str(source["hf"]), overrides))
-    for state in states:
+    results = run_distributed(_layout_job, 2, args=(str(source["data"]), str(tmp_path / "run"),
+                                                    str(source["hf"]), overrides))
+    for result in results:
+        state = result["state"]
         assert sorted(state) == sorted(want)
         for name, value in want.items():
             np.testing.assert_array_equal(state[name], value.numpy(), err_msg=name)
@@ -154,8 +166,9 @@ def test_init_from_rejects_a_model_it_does_not_fit(source: dict[str, Path], tmp_
     base = [*MODEL, *TRAINING, f"data.paths=[{source['data']}]", f"checkpoint.init_from={source['hf']}"]
     cases = {"model.engram.seed=1": "addresses its Engram tables differently",
              "model.moe.expert_dim=24": "do not fit this run's model",
+             "model.tie_embeddings=true": "separate embedding and LM head weights",
              "model.engram.base_table_size=[103]": r"do not fit .*layer 1 table \(420, 4\) vs \(432, 4\)",
-             "model.engram.layers=[1]": r"do not fit .*Engram tables at layers \[1\] \(source: \[1, 2\]\)"}
+             "model.engram.layers=[1]": r"do not fit .*unexpected \['Engram tables at layers \[2\]'"}
     for i, (override, message) in enumerate(cases.items()):
         cfg = load_config(None, [*base, override, f"output_dir={tmp_path / str(i)}"])
         with pytest.raises(ConfigError, match=f"checkpoint.init_from: .*{message}"):

@@ -20,8 +20,6 @@ from ..data.packed import PackedSamples
 from ..model.transformer import EngramMoEModel
 from ..train.checkpoint import checkpoint_state_dict, resolve_checkpoint
 
-__all__ = ["checkpoint_state_dict", "resolve_checkpoint"]  # re-exported: analysis callers load checkpoints
-
 # ----------------------------------------------------------------------------- models
 
 

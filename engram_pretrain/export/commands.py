@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,14 +66,20 @@ def import_folder(hf_dir: str | Path, run_dir: str | Path, config: str | None = 
     `run_dir/config.yaml` is `config` (a preset or YAML; default: the built-in defaults) with `overrides`,
     the folder's model section, `output_dir=run_dir` and `checkpoint.init_from=hf_dir`. With
     `write_checkpoint`, a single process also writes the training checkpoint `run_dir/checkpoints/step_0`
-    (weights, router biases, tables; fresh optimizer state), which `engram-pretrain train` resumes. Without
-    it, the first `train` (on any number of ranks and any parallel layout) loads the weights itself.
+    (weights, router biases, tables; fresh optimizer state), which `engram-pretrain train` resumes in the
+    same layout; a run on more ranks, with expert parallelism or another ZeRO stage loads `init_from`
+    instead (step 0 holds nothing else). Without it (or for a model that does not fit one process), the
+    first `train` loads the weights itself.
     """
     from ..cli import load
     from ..config import ConfigError, RunConfig, dump_config, load_config
     from .importer import read_hf_config
 
     hf_dir, run_dir = Path(hf_dir).absolute(), Path(run_dir)
+    model_keys = [o.split("=", 1)[0] for o in overrides or [] if o.strip().startswith("model.")]
+    if model_keys:
+        raise ConfigError(f"{model_keys[0]}: the model comes from {hf_dir}/config.json; edit the run's "
+                          "config.yaml after the import (settings that change no tensor may differ)")
     model_cfg, _ = read_hf_config(hf_dir)  # weights are read once, by the trainer's init_from
     cfg: RunConfig = load(config, overrides or []) if config else load_config(None, overrides or [])
     cfg.model = model_cfg
@@ -95,7 +102,9 @@ def import_folder(hf_dir: str | Path, run_dir: str | Path, config: str | None = 
         from ..train.loop import build_trainer, setup_logging
 
         setup_logging(0)
-        trainer = build_trainer(cfg, resume="none")
+        one_process = copy.deepcopy(cfg)  # step_0 is written by this one process; a run in another layout
+        one_process.parallel.ep_size = 1  # (world size, ep_size, ZeRO stage) loads init_from instead
+        trainer = build_trainer(one_process, resume="none")
         try:
             trainer.save()
         finally:

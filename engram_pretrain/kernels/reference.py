@@ -159,18 +159,21 @@ def sparse_adam_update_(
     eps: float,
     weight_decay: float = 0.0,
     global_step: int | None = None,
+    check_rows: bool = True,
 ) -> None:
     """Row-sparse AdamW in place on rows `unique_ids` [U] (sorted, unique) with grads [U, d].
 
     param: [R, d]; exp_avg, exp_avg_sq: [R, d] state dtype; step_per_row: [R] int32/int64.
-    See the module docstring.
+    `check_rows=False` skips the range and ordering checks of `unique_ids` (each a device -> host sync on
+    a GPU) for callers whose ids come from a coalesce. See the module docstring.
     """
     check_adam_args(param, exp_avg, exp_avg_sq, step_per_row, grads, lr, beta1, beta2, eps, global_step)
     if unique_ids.dim() != 1 or unique_ids.shape[0] != grads.shape[0]:
         raise ValueError(f"unique_ids [U] and grads [U, d] disagree: {tuple(unique_ids.shape)} vs "
                          f"{tuple(grads.shape)}")
-    check_ids(unique_ids, param.shape[0], "unique_ids")
-    check_sorted_unique(unique_ids)
+    if check_rows:
+        check_ids(unique_ids, param.shape[0], "unique_ids")
+        check_sorted_unique(unique_ids)
     if unique_ids.numel() == 0:
         return
     ids = unique_ids.long()

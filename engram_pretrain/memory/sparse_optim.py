@@ -225,8 +225,11 @@ class RowSparseAdam(torch.optim.Optimizer):
         b1, b2 = group["betas"]
         global_step = int(state["step"]) if group["bias_correction"] == "global" else None
         grads = g.to(device=p.device, dtype=state["exp_avg"].dtype).contiguous()
-        ops = reference if self.ops is None else self.ops
-        ops.sparse_adam_update_(p.data, state["exp_avg"], state["exp_avg_sq"], state["row_step"],
-                                rows.to(p.device).contiguous(), grads, group["lr"], b1, b2, group["eps"],
-                                group["weight_decay"], global_step)
+        args = (p.data, state["exp_avg"], state["exp_avg_sq"], state["row_step"],
+                rows.to(p.device).contiguous(), grads, group["lr"], b1, b2, group["eps"],
+                group["weight_decay"], global_step)
+        if self.ops is None:  # rows come from a coalesce: skip the id checks (host syncs on a GPU)
+            reference.sparse_adam_update_(*args, check_rows=False)
+        else:
+            self.ops.sparse_adam_update_(*args)
         torch.autograd.graph.increment_version(p)  # extension ops write through raw pointers

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 
 from ..config import ConfigError, RunConfig, config_diff, from_dict, read_yaml_tree
 from ..export.importer import ExportedTensors, read_hf_config
@@ -53,15 +54,20 @@ def read_source(source: str | Path) -> tuple[ModelConfig, ExportedTensors | _InM
     ranges are read on demand) or of a training checkpoint (consolidated in memory: ZeRO partitions, expert
     shards, table ranges, router biases)."""
     path = Path(source)
-    if (path / "config.json").is_file():
-        cfg, _ = read_hf_config(path)
-        return cfg, ExportedTensors(path)
-    step = resolve_checkpoint(path)
-    if step is None:
-        raise ConfigError(f"{KEY}: {source} is neither an exported Hugging Face folder (config.json) nor a "
-                          "complete training checkpoint, checkpoint directory or run directory holding one")
-    cfg = from_dict(ModelConfig, read_yaml_tree(step / "config.yaml").get("model", {}), "model.")
-    return cfg, _InMemory(checkpoint_state_dict(step))
+    try:
+        if (path / "config.json").is_file():
+            cfg, _ = read_hf_config(path)
+            return cfg, ExportedTensors(path)
+        step = resolve_checkpoint(path)
+        if step is None:
+            raise ValueError(f"{source} is neither an exported Hugging Face folder (config.json) nor a "
+                             "complete training checkpoint, checkpoint directory or run directory with one")
+        cfg = from_dict(ModelConfig, read_yaml_tree(step / "config.yaml").get("model", {}), "model.")
+        return cfg, _InMemory(checkpoint_state_dict(step))
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(f"{KEY}: {err}") from None
 
 
 def load_initial_weights(cfg: RunConfig, model: EngramMoEModel, store: TableStore,
@@ -74,8 +80,11 @@ def load_initial_weights(cfg: RunConfig, model: EngramMoEModel, store: TableStor
     the tables' rows would mean different n-grams). Model settings that change no tensor (e.g. the aux-loss
     weight) may differ; they are logged."""
     source_cfg, src = read_source(source)
+    if cfg.model.tie_embeddings and not source_cfg.tie_embeddings:
+        raise ConfigError(f"{KEY}: {source} has separate embedding and LM head weights; this run ties them "
+                          "(model.tie_embeddings=true): one of the two would be lost")
     changed = config_diff(source_cfg, cfg.model)
-    if changed:
+    if changed and (not dist.is_initialized() or dist.get_rank() == 0):
         logger.warning("%s: model settings differ from %s: %s", KEY, source,
                        ", ".join(f"model.{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
     names = set(src.names())
@@ -101,19 +110,21 @@ def load_initial_weights(cfg: RunConfig, model: EngramMoEModel, store: TableStor
         want = (store.table(layer).num_rows, store.weight(layer).shape[1])
         if src.shape(tables[layer]) != want:
             shapes.append(f"layer {layer} table {src.shape(tables[layer])} vs {want}")
-    if sorted(tables) != store.layers():
-        missing.append(f"Engram tables at layers {store.layers()} (source: {sorted(tables)})")
+    if set(store.layers()) - set(tables):
+        missing.insert(0, f"Engram tables at layers {sorted(set(store.layers()) - set(tables))}")
+    if set(tables) - set(store.layers()):
+        unexpected.insert(0, f"Engram tables at layers {sorted(set(tables) - set(store.layers()))}")
     if missing or unexpected or shapes:
         raise ConfigError(f"{KEY}: the weights of {source} do not fit this run's model: "
                           f"missing {missing[:4]}, unexpected {unexpected[:4]}, "
                           f"shapes (source vs run) {shapes[:4]}")
-    state = {name: src.get(alias.get(name, name), *((lo, hi) if name in experts else ())) for name in own}
     for name, value in own.items():
-        if name.startswith("addresser.") and not torch.equal(value.cpu(), state[name]):
+        if name.startswith("addresser.") and not torch.equal(value.cpu(), src.get(name)):
             raise ConfigError(f"{KEY}: {source} addresses its Engram tables differently ({name} differs): "
                               "another tokenizer compression map or Engram hashing settings")
-    model.load_state_dict(state, strict=True)
-    with torch.no_grad():
+    with torch.no_grad():  # one tensor at a time: never a second copy of the model in memory
+        for name, value in own.items():
+            value.copy_(src.get(alias.get(name, name), *((lo, hi) if name in experts else ())))
         for layer, name in tables.items():
             weight = store.weight(layer)
             start, end = store.row_range(layer)

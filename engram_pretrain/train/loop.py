@@ -21,6 +21,7 @@ all-reduce) the trainer saves a checkpoint and returns; the CLI exits with code 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -127,6 +128,8 @@ class Trainer:
         self.stop_request = StopRequest()
         self.last_saved_step: int | None = None
         self.last_checkpoint: Path | None = None
+        self.init_from: str | None = None
+        """The `checkpoint.init_from` source this run started from (kept through resumes)."""
         from ..analysis.params import count_parameters
 
         self.activated_params = count_parameters(self.cfg.model).activated_with_head
@@ -137,7 +140,8 @@ class Trainer:
 
     def trainer_state(self) -> dict[str, Any]:
         return {"data": self.train_batches.state_dict(), "skipped_steps": self.skipped_steps,
-                "nonfinite_in_a_row": self.nonfinite_in_a_row, "tokens_seen": self.tokens_seen}
+                "nonfinite_in_a_row": self.nonfinite_in_a_row, "tokens_seen": self.tokens_seen,
+                "init_from": self.init_from}
 
     def restore(self, path: str | Path) -> None:
         """Continue from a checkpoint written by `save`."""
@@ -149,6 +153,7 @@ class Trainer:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
         self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.init_from = state.get("init_from")
         self.last_saved_step = self.step
         self.last_checkpoint = Path(path)
         if self.c.dist.rank == 0:
@@ -408,6 +413,13 @@ def build_trainer(cfg: RunConfig, resume: str | None = "auto") -> Trainer:
     train_batches, valid_batches, dataset = build_loaders(cfg, info.rank, info.world_size)
     ckpt_dir = checkpoint_dir(cfg)
     path = resolve_resume(resume, ckpt_dir)
+    if path is not None and cfg.checkpoint.init_from:
+        why = _initial_checkpoint_mismatch(path, cfg, info.world_size)
+        if why is not None:  # step 0 holds nothing but the init_from weights: load them in this layout
+            if info.rank == 0:
+                logger.info("%s was written from checkpoint.init_from %s with %s: loading the weights "
+                            "from there instead", path, cfg.checkpoint.init_from, why)
+            path = None
     init_from = cfg.checkpoint.init_from if path is None else None
     components = build_components(cfg, info, dataset, init_from=init_from)
     checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint.keep_last, info.rank, info.world_size)
@@ -416,6 +428,7 @@ def build_trainer(cfg: RunConfig, resume: str | None = "auto") -> Trainer:
                        wandb=log_cfg.wandb, wandb_project=log_cfg.wandb_project, run_name=cfg.name,
                        config=to_dict(cfg))
     trainer = Trainer(components, train_batches, valid_batches, checkpointer, sink)
+    trainer.init_from = init_from
     if path is not None:
         trainer.restore(path)
         if cfg.checkpoint.init_from and info.rank == 0:
@@ -425,6 +438,26 @@ def build_trainer(cfg: RunConfig, resume: str | None = "auto") -> Trainer:
         where = f"no complete checkpoint in {ckpt_dir}" if resume == "auto" else "not resuming"
         logger.info("%s: starting from %s", where, fresh)
     return trainer
+
+
+def _initial_checkpoint_mismatch(path: Path, cfg: RunConfig, world_size: int) -> str | None:
+    """Why the step-0 checkpoint `path`, written by a run started from `checkpoint.init_from` (e.g. by
+    `engram-pretrain import` on one process), cannot be resumed in this run's layout; None when it can (or
+    when it is not such a checkpoint)."""
+    from ..parallel.expert_parallel import checkpoint_ep_size
+    from .engine import build_ds_config
+
+    state = json.loads((path / "trainer.json").read_text())
+    if int(state.get("step", -1)) != 0 or not state.get("init_from"):
+        return None
+    stage = int(build_ds_config(cfg, world_size)["zero_optimization"]["stage"])
+    if int(state.get("zero_stage", 0)) != stage:
+        return f"ZeRO stage {state.get('zero_stage')} (this run: {stage})"
+    if int(state["world_size"]) != world_size and stage > 0:
+        return f"{state['world_size']} rank(s) (this run: {world_size})"
+    if checkpoint_ep_size(path) != cfg.parallel.ep_size:
+        return f"ep_size {checkpoint_ep_size(path)} (this run: {cfg.parallel.ep_size})"
+    return None
 
 
 def run_training(cfg: RunConfig, resume: str | None = "auto") -> int:
