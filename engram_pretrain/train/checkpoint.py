@@ -56,8 +56,15 @@ DS_TAG = "ds"
 BUFFERS = "buffers.pt"
 ROUTER_BIAS = ".ffn.router.expert_bias"
 """State-dict suffix of the MoE routers' loss-free balancing biases (`blocks.<L>.ffn.router.expert_bias`)."""
+TABLE_SUFFIX = ".engram.table.weight"
+"""State-dict suffix of an Engram table in a whole model (`blocks.<L>.engram.table.weight`)."""
 FORMAT = 2
 """1: tables.pt + table_optim.pt (replicated only); 2: tables/ row-range files."""
+
+
+def table_weight_name(layer: int) -> str:
+    """The state-dict name of layer `layer`'s Engram table in a whole model (local tables)."""
+    return f"blocks.{int(layer)}{TABLE_SUFFIX}"
 
 
 def step_dir_name(step: int) -> str:
@@ -182,7 +189,7 @@ def checkpoint_state_dict(step_dir: str | Path) -> dict[str, torch.Tensor]:
     else:
         tables = {}
     for layer, weight in tables.items():
-        state[f"blocks.{int(layer)}.engram.table.weight"] = weight.float()
+        state[table_weight_name(layer)] = weight.float()
     if (step_dir / BUFFERS).is_file():
         biases = torch.load(step_dir / BUFFERS, map_location="cpu", weights_only=True)["moe_expert_bias"]
         names = sorted((k for k in state if k.endswith(ROUTER_BIAS)), key=lambda k: int(k.split(".")[1]))

@@ -563,11 +563,13 @@ def consolidated_state_dict(c: TrainComponents) -> dict[str, torch.Tensor]:
     gets the whole tables)."""
     import deepspeed
 
+    from .checkpoint import table_weight_name
+
     params = list(c.model.parameters())
     with deepspeed.zero.GatheredParameters(params, enabled=c.zero_stage == 3):
         state = {k: v.detach().cpu().clone() for k, v in c.model.state_dict().items()}
     if c.expert_parallel is not None:
         state.update(c.expert_parallel.full_expert_state(c.model))
     for layer in c.tables.layers():
-        state[f"blocks.{layer}.engram.table.weight"] = c.tables.full_weight(layer)
+        state[table_weight_name(layer)] = c.tables.full_weight(layer)
     return state

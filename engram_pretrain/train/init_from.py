@@ -20,7 +20,7 @@ import torch.distributed as dist
 from ..config import ConfigError, RunConfig, config_diff, from_dict, read_yaml_tree
 from ..export.importer import ExportedTensors, read_hf_config
 from ..model.config import ModelConfig
-from .checkpoint import checkpoint_state_dict, resolve_checkpoint
+from .checkpoint import TABLE_SUFFIX, checkpoint_state_dict, resolve_checkpoint
 
 if TYPE_CHECKING:
     from ..model.transformer import EngramMoEModel
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 KEY = "checkpoint.init_from"
-TABLE_SUFFIX = ".engram.table.weight"
 
 
 class _InMemory:
@@ -104,12 +103,15 @@ def load_initial_weights(cfg: RunConfig, model: EngramMoEModel, store: TableStor
         return (num_experts, *shape[1:]) if name in experts else shape
 
     missing, unexpected = sorted(set(own) - available), sorted(available - set(own))
-    shapes = [f"{n} {source_shape(n)} vs {run_shape(n)}" for n in own
-              if n in available and source_shape(n) != run_shape(n)]
+    shapes = []
+    for name in own:  # each source shape read once (an export opens its file per read)
+        have = source_shape(name) if name in available else None
+        if have is not None and have != run_shape(name):
+            shapes.append(f"{name} {have} vs {run_shape(name)}")
     for layer in sorted(set(tables) & set(store.layers())):
-        want = (store.table(layer).num_rows, store.weight(layer).shape[1])
-        if src.shape(tables[layer]) != want:
-            shapes.append(f"layer {layer} table {src.shape(tables[layer])} vs {want}")
+        want, have = (store.table(layer).num_rows, store.weight(layer).shape[1]), src.shape(tables[layer])
+        if have != want:
+            shapes.append(f"layer {layer} table {have} vs {want}")
     if set(store.layers()) - set(tables):
         missing.insert(0, f"Engram tables at layers {sorted(set(store.layers()) - set(tables))}")
     if set(tables) - set(store.layers()):
