@@ -175,6 +175,12 @@ def write_remote_code(out_dir: Path) -> list[str]:
             raise AssertionError(f"{src.name}: imports engram_pretrain, which an export cannot rely on")
         (out_dir / src.name).write_text(text)
         written.append(src.name)
+    # transformers 5.0 copies only the modeling file's direct relative imports out of a local folder
+    direct = set(re.findall(r"^from \.(\w+) import", (out_dir / "modeling_engram_moe.py").read_text(),
+                            flags=re.MULTILINE))
+    if missing := sorted({Path(n).stem for n in written} - direct - {"modeling_engram_moe"}):
+        raise AssertionError(f"modeling_engram_moe.py must import {missing} directly (transformers 5.0 "
+                             f"copies only its direct relative imports)")
     return written
 
 

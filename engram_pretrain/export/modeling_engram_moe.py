@@ -15,7 +15,7 @@ In the exported folder the `..model.` imports below read `.` (the exporter rewri
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Any
 
 import torch
@@ -29,9 +29,18 @@ from ..model.attention import RotaryEmbedding
 from ..model.cache import DecodeCache
 from ..model.config import AttentionConfig, EngramConfig, HyperConnectionConfig, ModelConfig, MoEConfig
 from ..model.engram import EngramModule
+from ..model.engram_hash import ngram_hash  # noqa: F401  (see the note below)
+from ..model.hyper_connections import HyperConnection  # noqa: F401
 from ..model.moe import MoE
 from ..model.transformer import EngramMoEModel
 from .hf_config import EngramMoEConfig
+
+# Older `transformers` (5.0) copy only the direct relative imports of this file from a local export folder
+# into their module cache, so every file of the model package is imported here by name (the exporter checks).
+
+# The decoding state's name in `transformers`: `past_key_values` up to 5.23, `cache` from 5.24 on (the old
+# name is then a deprecated alias, and `generate()` passes and reads `cache` only).
+CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
 
 _SUBCONFIGS = {"attention": AttentionConfig, "moe": MoEConfig, "hyper_connections": HyperConnectionConfig,
                "engram": EngramConfig}
@@ -164,6 +173,7 @@ class EngramMoEForCausalLM(EngramMoEPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         past_key_values: EngramMoECache | None = None,
         use_cache: bool | None = None,
+        cache: EngramMoECache | None = None,
         labels: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -172,15 +182,19 @@ class EngramMoEForCausalLM(EngramMoEPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast | tuple:
         """input_ids: [B, T] new tokens; attention_mask: [B, cached + T] (or [B, T]), 1 = token, 0 = padding.
 
-        labels: [B, T] as in `transformers` (shifted inside; -100 ignored). Returns logits [B, T, V] and,
-        with `use_cache`, the updated cache as `past_key_values`.
+        The decoding state comes in as `cache` or `past_key_values` (either name, on every `transformers`
+        release). labels: [B, T] as in `transformers` (shifted inside; -100 ignored). Returns logits
+        [B, T, V] and, with `use_cache`, the updated state under the installed release's name (`cache` or
+        `past_key_values`; both read it).
         """
         del kwargs  # position_ids etc.: positions follow the cache (RoPE is relative)
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("EngramMoEForCausalLM needs input_ids (Engram hashes token ids); "
                              "inputs_embeds is not supported")
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        cache = past_key_values
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("pass the decoding state as `cache` or as `past_key_values`, not both")
+        cache = cache if cache is not None else past_key_values
         if cache is not None and not isinstance(cache, DecodeCache):
             raise ValueError(f"past_key_values must be an EngramMoECache (from a previous call or "
                              f"model.new_cache()), got {type(cache).__name__}")
@@ -202,7 +216,7 @@ class EngramMoEForCausalLM(EngramMoEPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(shift_logits, labels[:, 1:].flatten().to(out.logits.device),
                                    ignore_index=-100)
         hidden = tuple(out.hidden_states) if want_hidden else None
-        result = CausalLMOutputWithPast(loss=loss, logits=out.logits,
-                                        past_key_values=cache if use_cache else None, hidden_states=hidden)
+        result = CausalLMOutputWithPast(loss=loss, logits=out.logits, hidden_states=hidden,
+                                        **{CACHE_FIELD: cache if use_cache else None})
         use_dict = self.config.return_dict if return_dict is None else return_dict
         return result if use_dict else result.to_tuple()
