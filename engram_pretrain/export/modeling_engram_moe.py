@@ -107,12 +107,59 @@ class EngramMoECache(DecodeCache):
         self.reorder(beam_idx)
 
 
+def offload_whole_units(model: nn.Module) -> None:
+    """Re-attach accelerate's offload hooks so each offloaded unit of `model.hf_device_map` loads all of its
+    weights before its forward (accelerate's `preload_module_classes`).
+
+    `from_pretrained(device_map=...)` hooks an offloaded unit leaf by leaf: a weight is brought in only when
+    its own module's `forward` runs. Our blocks read weights outside their owners' forward (the Engram table
+    through `lookup`, the branch gates as one concatenated matmul, the short-conv and mHC weights), so
+    each unit named in the device map (a `Block`, the embedding, ...; a `ModuleList` stands for its
+    children) becomes one hook that loads the whole
+    unit, runs it, and offloads it again. No-op without offloaded weights.
+    """
+    from accelerate.hooks import AlignDevicesHook, attach_align_device_hook_on_blocks, remove_hook_from_module
+
+    device_map = getattr(model, "hf_device_map", None) or {}
+    hooks = [m._hf_hook for m in model.modules()
+             if isinstance(getattr(m, "_hf_hook", None), AlignDevicesHook) and m._hf_hook.offload]
+    if not hooks:
+        return
+    weights = hooks[0].weights_map.dataset  # the loader of every offloaded tensor (PrefixedDataset inside)
+    units = dict(device_map)
+    while containers := [n for n in units if isinstance(model.get_submodule(n), nn.ModuleList | nn.ModuleDict)]:
+        for name in containers:  # never called, so never hooked: its children are the units
+            dev = units.pop(name)
+            units.update({f"{name}.{child}": dev for child, _ in model.get_submodule(name).named_children()})
+    device_map = units
+    devices = set(device_map.values())
+    main = next(iter(sorted(map(str, devices - {"cpu", "disk"}))), "cpu")
+    offloaded = ("disk",) if main in ("cpu", "mps") else ("cpu", "disk")
+    execution = {name: main if dev in ("cpu", "disk") else dev for name, dev in device_map.items()}
+    execution[""] = main
+    remove_hook_from_module(model, recurse=True)
+    attach_align_device_hook_on_blocks(
+        model, execution_device=execution, offload={n: d in offloaded for n, d in device_map.items()},
+        offload_buffers=hooks[0].offload_buffers, weights_map=weights,
+        skip_keys=model._skip_keys_device_placement,
+        preload_module_classes=sorted({type(model.get_submodule(n)).__name__ for n in device_map}),
+        tied_params_map=hooks[0].tied_params_map)
+
+
 class EngramMoEPreTrainedModel(PreTrainedModel):
     config_class = EngramMoEConfig
     base_model_prefix = "model"
-    _no_split_modules = ["Block"]
+    _no_split_modules = ["Block"]  # device_map="auto" places whole blocks (offload_whole_units)
+    _skip_keys_device_placement = ["cache", "past_key_values"]  # the decoding state is not a tensor
     _is_stateful = True  # the decoding state cannot be rolled back (no assisted generation)
     supports_gradient_checkpointing = False
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """`PreTrainedModel.from_pretrained`, then whole-unit offload hooks when a `device_map` offloads."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        offload_whole_units(loaded[0] if isinstance(loaded, tuple) else loaded)
+        return loaded
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
