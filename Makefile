@@ -113,6 +113,15 @@ export: setup  ## export CHECKPOINT (run dir, checkpoint dir or step dir) as a H
 import: setup  ## HF folder HF_DIR -> RUN_DIR (config + step_0) to continue pretraining on IMPORT_DATA
 	$(CLI) import --data $(IMPORT_DATA) $(IMPORT_ARGS) $(HF_DIR) $(RUN_DIR) $(IMPORT_OVERRIDES)
 
+# lm-evaluation-harness on an export (docs/export.md): TASKS from eval_tasks/ (the offline set engram_local)
+# or the harness's own tasks where the hub is reachable (EVAL_ARGS=--online).
+EXPORT ?= runs/demo/hf
+TASKS ?= engram_local
+EVAL_ARGS ?=
+.PHONY: eval
+eval: setup  ## lm-eval on EXPORT: make eval EXPORT=runs/demo/hf TASKS=engram_local -> EXPORT/eval/
+	$(CLI) eval $(EXPORT) --tasks $(TASKS) $(EVAL_ARGS)
+
 lint: setup
 	$(PY) -m ruff check .
 

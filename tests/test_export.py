@@ -111,7 +111,8 @@ model.eval()
 assert not any(info.values()), info
 assert not any(m.startswith("engram_pretrain") for m in sys.modules)
 tok = AutoTokenizer.from_pretrained(out)
-res = {"type": type(model).__name__, "ids": tok(inp["text"])["input_ids"],
+import transformers
+res = {"version": transformers.__version__, "type": type(model).__name__, "ids": tok(inp["text"])["input_ids"],
        "decoded": tok.decode(inp["ids"][0])}
 with torch.no_grad():
     res["logits"] = model(inp["ids"]).logits
@@ -123,6 +124,19 @@ with torch.no_grad():
     batch = tok(inp["prompts"], return_tensors="pt", padding=True)
     res["gen_padded"] = model.generate(**batch, max_new_tokens=6, do_sample=False)
     res["padded_width"] = batch["input_ids"].shape[1]
+# accelerate's dispatch: a memory budget of half the weights -> blocks (with their Engram tables) on disk
+import json, tempfile
+size = json.load(open(os.path.join(out, "model.safetensors.index.json")))["metadata"]["total_size"]
+big = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, device_map="auto",
+                                           max_memory={"cpu": size // 2}, offload_folder=tempfile.mkdtemp())
+big.eval()
+res["device_map"] = dict(big.hf_device_map)
+res["offloaded_tables"] = sorted(n for n, p in big.named_parameters() if n.endswith("table.weight")
+                                 and p.device.type == "meta")
+with torch.no_grad():
+    res["offload_logits"] = big(inp["ids"]).logits
+    res["offload_gen"] = big.generate(inp["ids"], attention_mask=torch.ones_like(inp["ids"]),
+                                      max_new_tokens=8, do_sample=False)
 torch.save(res, data + ".out")
 '''
 
@@ -155,8 +169,14 @@ def test_fresh_process_load_generate_and_tokenizer(exported: tuple[EngramMoEMode
     cfg = json.loads((out / "generation_config.json").read_text())
     eos, pad = cfg["eos_token_id"], cfg["pad_token_id"]
     ref = greedy(model, ids, 8, eos, pad)
-    assert torch.equal(res["gen_cache"], ref)
-    assert torch.equal(res["gen_nocache"], ref)
+    version = f"transformers {res['version']}"
+    assert torch.equal(res["gen_cache"], ref), f"{version}: cached generate() != greedy decoding"
+    assert torch.equal(res["gen_nocache"], ref), f"{version}: uncached generate() != greedy decoding"
+
+    assert "disk" in res["device_map"].values() and "cpu" in res["device_map"].values(), res["device_map"]
+    assert res["offloaded_tables"], res["device_map"]  # at least one Engram table lives on disk
+    torch.testing.assert_close(res["offload_logits"], res["logits"], rtol=0, atol=0, msg=version)
+    assert torch.equal(res["offload_gen"], ref), f"{version}: offloaded generate() != greedy decoding"
 
     width = res["padded_width"]
     for i, text in enumerate(prompts):
@@ -193,6 +213,9 @@ def test_export_folder_layout_and_streamed_shards(exported: tuple[EngramMoEModel
     assert index["metadata"]["total_size"] == total == want_bytes
     hashing = json.loads((out / "engram_hashing.json").read_text())
     assert hashing["layer_multipliers"]["2"] == model.addresser.multipliers_2.tolist()
+    from engram_pretrain.cli import main
+
+    assert main(["check-export", str(out)]) == 0
 
 
 def test_import_round_trip_is_bitwise(exported: tuple[EngramMoEModel, Path]) -> None:
@@ -286,3 +309,49 @@ def test_export_errors_leave_nothing_behind(exported: tuple[EngramMoEModel, Path
     assert parse_size("2GB") == 2 * 10**9 and parse_size("1MiB") == 2**20 and parse_size(7) == 7
     with pytest.raises(ValueError, match="parse"):
         parse_size("lots")
+
+
+def _bpe_tokenizer_json(vocab_size: int, out: Path) -> None:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(TEXT * 5 + [" ".join(map(str, range(2000)))], trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(out))
+
+
+@pytest.mark.parametrize("case", ["missing_shard", "truncated_shard", "garbage_shard", "other_model_type",
+                                  "bigger_tokenizer", "smaller_tokenizer"])
+def test_broken_export_folders_name_the_file(exported: tuple[EngramMoEModel, Path], tmp_path: Path,
+                                             case: str) -> None:
+    import shutil
+
+    from engram_pretrain.cli import main
+
+    _, src = exported
+    folder = tmp_path / case
+    shutil.copytree(src, folder)
+    shard = folder / sorted(set(json.loads((folder / "model.safetensors.index.json").read_text())
+                                ["weight_map"].values()))[1]
+    if case == "missing_shard":
+        shard.unlink()
+        culprit, why = shard.name, "missing"
+    elif case == "truncated_shard":
+        os.truncate(shard, shard.stat().st_size - 10)
+        culprit, why = shard.name, "truncated"
+    elif case == "garbage_shard":
+        shard.write_bytes(b"\xff" * 64)
+        culprit, why = shard.name, "corrupt"
+    elif case == "other_model_type":
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+        culprit, why = "config.json", "model_type is 'llama'"
+    else:
+        _bpe_tokenizer_json(600 if case == "bigger_tokenizer" else 280, folder / "tokenizer.json")
+        culprit = "tokenizer.json"
+        why = "the model's vocab_size" if case == "bigger_tokenizer" else "engram_compression_map.npz"
+    pattern = f"{folder / culprit}: .*{why}"
+    with pytest.raises(ValueError, match=pattern):  # transformers' loader, through the shipped code
+        AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    with pytest.raises(ValueError, match=pattern):
+        import_hf(folder)
+    assert main(["check-export", str(folder)]) == 2

@@ -124,8 +124,16 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_export(args: argparse.Namespace) -> int:
+    from .modeling_engram_moe import check_export_folder
+
+    check_export_folder(args.hf_dir)  # ExportFolderError is a ValueError: main prints it, exits 2
+    print(f"{args.hf_dir}: config, weight shards and tokenizer OK")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register `export` and `import`."""
+    """Register `export`, `import`, `check-export` and `eval`."""
     p = sub.add_parser("export", help="export a training checkpoint as a Hugging Face folder")
     p.add_argument("checkpoint", help="step_<N>/ directory, checkpoint directory or run directory")
     p.add_argument("out_dir", help="new (or empty) output folder")
@@ -146,3 +154,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides of the training settings (after the "
                                                 "options: argparse does not interleave them)")
     p.set_defaults(func=cmd_import)
+    p = sub.add_parser("check-export", help="check that an exported folder loads (config, every weight shard, "
+                                            "tokenizer); names the file at fault")
+    p.add_argument("hf_dir", help="folder written by `engram-pretrain export`")
+    p.set_defaults(func=cmd_check_export)
+    from .evaluate import add_command as add_eval_command
+
+    add_eval_command(sub)

@@ -21,7 +21,7 @@ from ..model.addressing import EngramAddressing
 from ..model.config import ModelConfig
 from ..model.transformer import EngramMoEModel
 from .exporter import COMPRESSION_FILE, SAFE_INDEX, SAFE_WEIGHTS, WEIGHT_PREFIX, expected_tensors
-from .modeling_engram_moe import addressing_from_dict, model_config_from_dict
+from .modeling_engram_moe import addressing_from_dict, check_export_folder, model_config_from_dict
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -72,11 +72,8 @@ def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
 def read_hf_config(folder: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
     """(our model config, the whole config.json) of an exported folder, without reading any weights."""
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    check_export_folder(folder)
     hf = json.loads((folder / "config.json").read_text())
-    if hf.get("model_type") != "engram_moe":
-        raise ValueError(f"{folder}: model_type is {hf.get('model_type')!r}, expected 'engram_moe'")
     return model_config_from_dict(hf["model_config"]), hf
 
 

@@ -18,6 +18,9 @@ from __future__ import annotations
 from dataclasses import asdict, fields
 from typing import Any
 
+import json
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -93,6 +96,103 @@ def addressing_from_dict(data: dict[str, Any], compression_lookup: list[int] | N
     )
 
 
+class ExportFolderError(ValueError):
+    """An export folder that cannot load; the message names the file."""
+
+
+def check_export_folder(folder: str | os.PathLike) -> None:
+    """Raise `ExportFolderError` naming the file when a local export cannot load as this model.
+
+    Checks: config.json parses and has `model_type: engram_moe`; every weight shard (`model.safetensors`, or
+    each file of `model.safetensors.index.json`) exists, has a readable header, holds the tensors the index
+    assigns to it and is as long as its header says (a truncated download); `tokenizer.json` loads and has
+    no more tokens than the model's `vocab_size` (and as many as `engram_compression_map.npz` was built for).
+    """
+    folder = os.fspath(folder)
+
+    def path(name: str) -> str:
+        return os.path.join(folder, name)
+
+    def fail(name: str, why: str) -> ExportFolderError:
+        return ExportFolderError(f"{path(name)}: {why}")
+
+    try:
+        with open(path("config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise fail("config.json", "missing (not a Hugging Face model folder)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise fail("config.json", f"not valid JSON ({err})") from None
+    if config.get("model_type") != EngramMoEConfig.model_type:
+        raise fail("config.json", f"model_type is {config.get('model_type')!r}, not "
+                                  f"{EngramMoEConfig.model_type!r}: this folder holds another kind of model")
+    expected: dict[str, set[str]] = {}
+    if os.path.isfile(path("model.safetensors.index.json")):
+        try:
+            with open(path("model.safetensors.index.json"), encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as err:
+            raise fail("model.safetensors.index.json", f"unreadable ({err!r})") from None
+        for tensor, shard in weight_map.items():
+            expected.setdefault(shard, set()).add(tensor)
+    elif os.path.isfile(path("model.safetensors")):
+        expected["model.safetensors"] = set()
+    else:
+        raise fail("model.safetensors", "missing (and no model.safetensors.index.json)")
+    for shard, names in sorted(expected.items()):
+        if not os.path.isfile(path(shard)):
+            raise fail(shard, "missing (listed in model.safetensors.index.json)")
+        header, end = _safetensors_header(path(shard))
+        if header is None:
+            raise fail(shard, "corrupt: no readable safetensors header")
+        if os.path.getsize(path(shard)) < end:
+            raise fail(shard, f"truncated: {os.path.getsize(path(shard))} bytes, its header describes {end}")
+        if missing := sorted(names - set(header)):
+            raise fail(shard, f"lacks tensors the index assigns to it, e.g. {missing[:3]}")
+    vocab_size = int(config.get("vocab_size") or 0)
+    if os.path.isfile(path("tokenizer.json")):
+        from tokenizers import Tokenizer
+
+        try:
+            tokens = Tokenizer.from_file(path("tokenizer.json")).get_vocab_size(with_added_tokens=True)
+        except Exception as err:  # tokenizers raises its own Exception type
+            raise fail("tokenizer.json", f"does not load ({err})") from None
+        if vocab_size and tokens > vocab_size:
+            raise fail("tokenizer.json", f"has {tokens} tokens but the model's vocab_size is {vocab_size}: "
+                                         "a tokenizer of another model")
+        if os.path.isfile(path("engram_compression_map.npz")):
+            import numpy as np
+
+            with np.load(path("engram_compression_map.npz")) as cmap:
+                built_for = len(cmap["lookup"])  # raw id -> compressed id, one entry per token
+            if built_for != tokens:
+                raise fail("tokenizer.json", f"has {tokens} tokens but engram_compression_map.npz was "
+                                             f"built for a tokenizer of {built_for}")
+
+
+def _safetensors_header(file: str) -> tuple[dict[str, Any] | None, int]:
+    """(tensor name -> entry, byte length the header implies) or (None, 0) when unreadable."""
+    with open(file, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            return None, 0
+        n = int.from_bytes(raw, "little")
+        if n > 100_000_000:
+            return None, 0
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None, 0
+    if not isinstance(header, dict):
+        return None, 0
+    header.pop("__metadata__", None)
+    try:
+        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None, 0
+    return header, 8 + n + end
+
+
 class EngramMoECache(DecodeCache):
     """`DecodeCache` with the few members `generate()` reads from a `past_key_values` object."""
 
@@ -156,7 +256,10 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
-        """`PreTrainedModel.from_pretrained`, then whole-unit offload hooks when a `device_map` offloads."""
+        """`PreTrainedModel.from_pretrained` (a local folder is checked first: `check_export_folder`), then
+        whole-unit offload hooks when a `device_map` offloads."""
+        if args and os.path.isdir(os.fspath(args[0])):
+            check_export_folder(args[0])
         loaded = super().from_pretrained(*args, **kwargs)
         offload_whole_units(loaded[0] if isinstance(loaded, tuple) else loaded)
         return loaded
