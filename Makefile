@@ -78,7 +78,7 @@ allocation: setup  ## sparsity allocation sweep -> runs/allocation/PRESET (Figur
 	$(CLI) experiment allocation --preset $(PRESET) --data $(EXP_DATA) $(if $(STEPS),--steps $(STEPS)) $(EXP_ARGS)
 
 test: setup  ## what CI runs
-	$(PY) -m ruff check engram_pretrain tests benchmarks tools
+	$(PY) -m ruff check engram_pretrain data_prep tests benchmarks tools
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-all: setup  ## also the slow tests

@@ -43,7 +43,8 @@ seconds = time.perf_counter() - t0
 with torch.no_grad():
     model(torch.randint(0, 200, (1, 16)))
 rss = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**30
-print(json.dumps({"seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+print(json.dumps({"seconds": seconds, "peak_rss_gb": peak,
                   "rss_gb": rss}))
 '''
 
@@ -62,7 +63,8 @@ def build_export(out: Path, table_rows: int) -> int:
     tok.train_from_iterator(["engram memory " * 50], trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<unk>", "<pad>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                   eos_token="</s>")
     tok_dir = out.parent / "tokenizer"
     fast.save_pretrained(tok_dir)
     cfg = ModelConfig(vocab_size=len(fast), hidden_size=512, num_layers=4, max_seq_len=128)
@@ -96,7 +98,8 @@ def main() -> None:
     print(f"{'loader':18s} {'seconds':>8s} {'peak RSS GB':>12s} {'peak / weights':>15s} {'vs eager':>9s} "
           f"{'RSS after GB':>13s}")
     for how, r in rows.items():
-        print(f"{how:18s} {r['seconds']:8.2f} {r['peak_rss_gb']:12.2f} {r['peak_rss_gb'] * 2**30 / size:15.2f} "
+        ratio = r['peak_rss_gb'] * 2**30 / size
+        print(f"{how:18s} {r['seconds']:8.2f} {r['peak_rss_gb']:12.2f} {ratio:15.2f} "
               f"{r['peak_rss_gb'] / base['peak_rss_gb']:9.2f} {r['rss_gb']:13.2f}")
     print("(RSS counts the memory-mapped shard pages a loader touched; 'after' is after one forward)")
 

@@ -42,9 +42,11 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     untrained export of the same config."""
     root = tmp_path_factory.mktemp("eval")
     data = root / "data"
-    _run("-m", "data_prep", "build", "default", "--out", str(data), "--tokenizer", "bpe", "--vocab-size", "4096")
+    _run("-m", "data_prep", "build", "default", "--out", str(data), "--tokenizer", "bpe",
+         "--vocab-size", "4096")
     run = root / "run"
-    _run("-m", "engram_pretrain.cli", "train", "configs/tiny.yaml", f"data.paths=[{data}]", f"output_dir={run}",
+    _run("-m", "engram_pretrain.cli", "train", "configs/tiny.yaml", f"data.paths=[{data}]",
+         f"output_dir={run}",
          "train.steps=100", "train.eval_interval=0", "checkpoint.interval=100", "logging.tensorboard=false",
          "--resume", "none")
     _run("-m", "engram_pretrain.cli", "export", str(run), str(root / "trained"))
@@ -62,7 +64,8 @@ def test_task_files_are_built_from_the_heldout_split(tmp_path: Path, exports: di
 
     counts = write_tasks(tmp_path)
     for name, count in counts.items():
-        assert (tmp_path / name).read_bytes() == (OUT / name).read_bytes(), f"{name}: rerun data_prep.eval_tasks"
+        fresh = (tmp_path / name).read_bytes()
+        assert fresh == (OUT / name).read_bytes(), f"{name}: rerun python -m data_prep.eval_tasks"
         assert count > 0
     tok = Tokenizer.from_file(str(exports["trained"] / "tokenizer.json"))
     rows = [json.loads(line) for line in (tmp_path / "word_order.jsonl").read_text().splitlines()]

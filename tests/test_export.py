@@ -112,8 +112,8 @@ assert not any(info.values()), info
 assert not any(m.startswith("engram_pretrain") for m in sys.modules)
 tok = AutoTokenizer.from_pretrained(out)
 import transformers
-res = {"version": transformers.__version__, "type": type(model).__name__, "ids": tok(inp["text"])["input_ids"],
-       "decoded": tok.decode(inp["ids"][0])}
+res = {"version": transformers.__version__, "type": type(model).__name__,
+       "ids": tok(inp["text"])["input_ids"], "decoded": tok.decode(inp["ids"][0])}
 with torch.no_grad():
     res["logits"] = model(inp["ids"]).logits
     res["gen_cache"] = model.generate(inp["ids"], attention_mask=torch.ones_like(inp["ids"]),
@@ -315,7 +315,8 @@ def _bpe_tokenizer_json(vocab_size: int, out: Path) -> None:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.train_from_iterator(TEXT * 5 + [" ".join(map(str, range(2000)))], trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        vocab_size=vocab_size, special_tokens=["<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.save(str(out))
 
 

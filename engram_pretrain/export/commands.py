@@ -154,8 +154,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides of the training settings (after the "
                                                 "options: argparse does not interleave them)")
     p.set_defaults(func=cmd_import)
-    p = sub.add_parser("check-export", help="check that an exported folder loads (config, every weight shard, "
-                                            "tokenizer); names the file at fault")
+    p = sub.add_parser("check-export", help="check that an exported folder loads (config, every weight "
+                                            "shard, tokenizer); names the file at fault")
     p.add_argument("hf_dir", help="folder written by `engram-pretrain export`")
     p.set_defaults(func=cmd_check_export)
     from .evaluate import add_command as add_eval_command

@@ -15,11 +15,10 @@ In the exported folder the `..model.` imports below read `.` (the exporter rewri
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
-from typing import Any
-
 import json
 import os
+from dataclasses import asdict, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -227,8 +226,9 @@ def offload_whole_units(model: nn.Module) -> None:
         return
     weights = hooks[0].weights_map.dataset  # the loader of every offloaded tensor (PrefixedDataset inside)
     units = dict(device_map)
-    while containers := [n for n in units if isinstance(model.get_submodule(n), nn.ModuleList | nn.ModuleDict)]:
-        for name in containers:  # never called, so never hooked: its children are the units
+    containers = (nn.ModuleList, nn.ModuleDict)
+    while containers_named := [n for n in units if isinstance(model.get_submodule(n), containers)]:
+        for name in containers_named:  # never called, so never hooked: its children are the units
             dev = units.pop(name)
             units.update({f"{name}.{child}": dev for child, _ in model.get_submodule(name).named_children()})
     device_map = units
