@@ -258,8 +258,9 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
         """`PreTrainedModel.from_pretrained` (a local folder is checked first: `check_export_folder`), then
         whole-unit offload hooks when a `device_map` offloads."""
-        if args and os.path.isdir(os.fspath(args[0])):
-            check_export_folder(args[0])
+        where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if isinstance(where, str | os.PathLike) and os.path.isdir(where):
+            check_export_folder(where)
         loaded = super().from_pretrained(*args, **kwargs)
         offload_whole_units(loaded[0] if isinstance(loaded, tuple) else loaded)
         return loaded
