@@ -54,6 +54,14 @@ def heldout_chapters(valid_fraction: float | None = None, split_seed: int | None
     return chapters
 
 
+def _item(rng: random.Random, heading: str, context: str, choices: list[str]) -> dict:
+    """A multiple-choice record: `choices[0]` (the true one) moved to a random place, `label` its index."""
+    order = list(range(NUM_CHOICES))
+    rng.shuffle(order)
+    return {"chapter": heading, "context": context, "choices": [choices[k] for k in order],
+            "label": order.index(0)}
+
+
 def next_verse_items(chapters: list[list[str]], seed: int = SEED) -> list[dict]:
     """One item per verse after the first of each chapter: context, 4 choices, label."""
     rng = random.Random(seed)
@@ -62,11 +70,7 @@ def next_verse_items(chapters: list[list[str]], seed: int = SEED) -> list[dict]:
         others = [v for j, ch in enumerate(chapters) if j != c for v in ch[1:]]
         for i in range(1, len(verses)):
             context = "\n".join([heading, *verses[max(0, i - CONTEXT_VERSES):i]]) + "\n"
-            choices = [verses[i], *rng.sample(others, NUM_CHOICES - 1)]
-            order = list(range(NUM_CHOICES))
-            rng.shuffle(order)
-            items.append({"chapter": heading, "context": context, "choices": [choices[k] for k in order],
-                          "label": order.index(0)})
+            items.append(_item(rng, heading, context, [verses[i], *rng.sample(others, NUM_CHOICES - 1)]))
     return items
 
 
@@ -93,11 +97,7 @@ def completion_items(chapters: list[list[str]], seed: int = SEED) -> list[dict]:
             if halves is None:
                 continue
             context = "\n".join([heading, *verses[max(0, i - 1):i], halves[0]])
-            choices = [halves[1], *rng.sample(others, NUM_CHOICES - 1)]
-            order = list(range(NUM_CHOICES))
-            rng.shuffle(order)
-            items.append({"chapter": heading, "context": context, "choices": [choices[k] for k in order],
-                          "label": order.index(0)})
+            items.append(_item(rng, heading, context, [halves[1], *rng.sample(others, NUM_CHOICES - 1)]))
     return items
 
 
@@ -119,11 +119,7 @@ def word_order_items(chapters: list[list[str]], seed: int = SEED) -> list[dict]:
                 shuffled = words[:1] + rng.sample(words[1:], len(words) - 1)
                 if " ".join(shuffled) not in choices:
                     choices.append(" ".join(shuffled))
-            order = list(range(NUM_CHOICES))
-            rng.shuffle(order)
-            context = "\n".join([heading, *verses[max(0, i - 1):i]]) + "\n"
-            items.append({"chapter": heading, "context": context, "choices": [choices[k] for k in order],
-                          "label": order.index(0)})
+            items.append(_item(rng, heading, "\n".join([heading, *verses[max(0, i - 1):i]]) + "\n", choices))
     return items
 
 
