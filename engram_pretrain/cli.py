@@ -6,27 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, load_config
+from .config import PRESET_DIR, ConfigError, load_preset
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PRESET_DIR = REPO_ROOT / "configs"
-
-
-def resolve_config_path(name: str) -> Path:
-    """A YAML path, or a preset name from `configs/` (e.g. `engram-27b`)."""
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        return path
-    preset = PRESET_DIR / f"{name}.yaml"
-    if not preset.exists():
-        names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-        raise ConfigError(f"unknown preset '{name}'; available: {', '.join(names)}")
-    return preset
-
-
-def load(name: str, overrides: list[str]) -> RunConfig:
-    """Load a preset or YAML file with dotted overrides."""
-    return load_config(resolve_config_path(name), overrides)
+__all__ = ["PRESET_DIR", "build_parser", "main"]
 
 
 def _fmt(n: int) -> str:
@@ -36,7 +18,7 @@ def _fmt(n: int) -> str:
 def cmd_params(args: argparse.Namespace) -> int:
     from .analysis.params import count_parameters
 
-    cfg = load(args.config, args.overrides)
+    cfg = load_preset(args.config, args.overrides)
     c = count_parameters(cfg.model)
     rows = [
         ("total", c.total),
@@ -61,14 +43,14 @@ def cmd_show_config(args: argparse.Namespace) -> int:
 
     from .config import to_dict
 
-    print(yaml.safe_dump(to_dict(load(args.config, args.overrides)), sort_keys=False), end="")
+    print(yaml.safe_dump(to_dict(load_preset(args.config, args.overrides)), sort_keys=False), end="")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .train.loop import run_training
 
-    cfg = load(args.config, args.overrides)
+    cfg = load_preset(args.config, args.overrides)
     resume = cfg.checkpoint.resume if args.resume is None else args.resume
     return run_training(cfg, resume=resume)
 

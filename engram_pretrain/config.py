@@ -21,6 +21,10 @@ import yaml
 
 from .model.config import ModelConfig
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+"""The repository: presets (`configs/`), DeepSpeed configs, launchers and task files live under it."""
+PRESET_DIR = REPO_ROOT / "configs"
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, mistyped or inconsistent; the message names the key."""
@@ -203,6 +207,10 @@ class LauncherConfig:
     """Send SIGUSR1 this many seconds before the time limit (checkpoint and requeue)."""
     master_port: int = 29500
     """Rendezvous port."""
+
+
+SLURM_OPTIONS = ("partition", "account", "time", "qos", "constraint")
+"""The `LauncherConfig` fields that are sbatch options of the same name (`--partition=...`)."""
 
 
 @dataclass
@@ -426,6 +434,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = from_dict(RunConfig, tree)
     cfg.validate()
     return cfg
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A YAML path, or a preset name from `configs/` (e.g. `engram-27b`)."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    preset = PRESET_DIR / f"{name}.yaml"
+    if not preset.exists():
+        names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset '{name}'; available: {', '.join(names)}")
+    return preset
+
+
+def load_preset(name: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """`load_config` of a preset name or YAML path (`resolve_config_path`) with dotted overrides."""
+    return load_config(resolve_config_path(name), overrides)
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:

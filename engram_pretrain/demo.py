@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from .config import REPO_ROOT
 
 
 def unigram_entropy(dataset_dir: str | Path, split: str = "train") -> tuple[float, int]:

@@ -93,7 +93,7 @@ def load_family(family: str, overrides: list[str] | None = None, baseline: str |
                 reference: str | None = None) -> tuple[RunConfig, RunConfig, str]:
     """(baseline, reference, how the baseline was obtained) of a family; `baseline`/`reference` replace the
     family's presets (preset names or YAML paths). `overrides` apply to both before anything is derived."""
-    from ..cli import load
+    from ..config import load_preset
     from .budget import iso_moe_baseline
 
     if family not in FAMILIES and (baseline is None or reference is None):
@@ -101,11 +101,11 @@ def load_family(family: str, overrides: list[str] | None = None, baseline: str |
                          "--baseline and --reference")
     base_name, ref_name = FAMILIES.get(family, (None, ""))
     base_name, ref_name = baseline or base_name, reference or ref_name
-    ref = load(ref_name, list(overrides or []))
+    ref = load_preset(ref_name, list(overrides or []))
     if not ref.model.engram.layers:
         raise ValueError(f"reference {ref_name} has no Engram layers")
     if base_name is not None:
-        base = load(base_name, list(overrides or []))
+        base = load_preset(base_name, list(overrides or []))
         if base.model.engram.layers:
             raise ValueError(f"baseline {base_name} has Engram layers {base.model.engram.layers}")
         return base, ref, f"preset {base_name}"

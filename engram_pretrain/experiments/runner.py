@@ -177,14 +177,14 @@ def write_task_list(runs: Sequence[PlannedRun], path: Path) -> list[PlannedRun]:
 
 
 def submit_array(task_list: Path, run_dir: Path, slurm_args: Sequence[str], dry_run: bool) -> int:
-    """`engram-pretrain submit <task_list> --array --run-dir <run_dir> [slurm_args] [--dry-run]`."""
-    from ..cli import build_parser
+    """Submit `task_list` as one SLURM array into `run_dir`; `slurm_args`: `submit`'s options."""
+    from dataclasses import replace
 
-    argv = ["submit", str(task_list), "--array", "--run-dir", str(run_dir), *slurm_args]
-    if dry_run:
-        argv.append("--dry-run")
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    from ..launch.commands import SubmitOptions, submit_jobs
+
+    options = SubmitOptions.parse(slurm_args)
+    options = replace(options, array=True, run_dir=str(run_dir), dry_run=dry_run or options.dry_run)
+    return submit_jobs(str(task_list), [], options)
 
 
 # ---------------------------------------------------------------------------- results

@@ -71,8 +71,7 @@ def import_folder(hf_dir: str | Path, run_dir: str | Path, config: str | None = 
     instead (step 0 holds nothing else). Without it (or for a model that does not fit one process), the
     first `train` loads the weights itself.
     """
-    from ..cli import load
-    from ..config import ConfigError, RunConfig, dump_config, load_config
+    from ..config import ConfigError, RunConfig, dump_config, load_config, load_preset
     from .importer import read_hf_config
 
     hf_dir, run_dir = Path(hf_dir).absolute(), Path(run_dir)
@@ -81,7 +80,7 @@ def import_folder(hf_dir: str | Path, run_dir: str | Path, config: str | None = 
         raise ConfigError(f"{model_keys[0]}: the model comes from {hf_dir}/config.json; edit the run's "
                           "config.yaml after the import (settings that change no tensor may differ)")
     model_cfg, _ = read_hf_config(hf_dir)  # weights are read once, by the trainer's init_from
-    cfg: RunConfig = load(config, overrides or []) if config else load_config(None, overrides or [])
+    cfg: RunConfig = load_preset(config, overrides) if config else load_config(None, overrides)
     cfg.model = model_cfg
     cfg.output_dir = str(run_dir)
     cfg.checkpoint.init_from = str(hf_dir)

@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from ..config import REPO_ROOT
+
 TASK_DIR = REPO_ROOT / "eval_tasks"
 LOCAL_TASKS = "engram_local"
 

@@ -14,9 +14,11 @@ import argparse
 import os
 import shlex
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from ..config import RunConfig
+from ..config import SLURM_OPTIONS, ConfigError, RunConfig, load_preset, resolve_config_path
 from .slurm import SbatchSpec, read_task_list, sbatch_command, submit, write_script
 
 LOCAL_SCRIPT = Path(__file__).resolve().parents[2] / "launchers" / "local.sh"
@@ -37,6 +39,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="preset name or YAML path; with --array: a task list file "
                                   "(one `<config> [overrides...]` per line)")
     p.add_argument("overrides", nargs="*", help="dotted overrides (with --array: applied to every task)")
+    add_submit_options(p)
+    p.set_defaults(func=cmd_submit)
+
+
+def add_submit_options(p: argparse.ArgumentParser) -> None:
+    """The options of `submit` (each one a `SubmitOptions` field of the same name)."""
     g = p.add_argument_group("resources (default: the config's launcher section)")
     g.add_argument("--nodes", type=int, default=None, help="nodes")
     g.add_argument("--gpus-per-node", type=int, default=None,
@@ -47,7 +55,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--cpus-per-task", type=int, default=None, help="CPUs of each node's task (all ranks)")
     g.add_argument("--mem", default=None, help="memory per node, e.g. 200G")
     g.add_argument("--exclusive", action="store_true", help="whole nodes")
-    for name in ("partition", "account", "time", "qos", "constraint"):
+    for name in SLURM_OPTIONS:
         g.add_argument(f"--{name}", default=None, help=f"SLURM {name} (default: launcher.{name})")
     j = p.add_argument_group("job control")
     j.add_argument("--signal-seconds", type=int, default=None,
@@ -65,18 +73,52 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="where the script and job logs go (default: output_dir; arrays: runs/sweeps/<list>)")
     j.add_argument("--dry-run", action="store_true", help="write and print the script, do not submit")
     j.add_argument("--parsable", action="store_true", help="print only the job id(s)")
-    p.set_defaults(func=cmd_submit)
+
+
+@dataclass
+class SubmitOptions:
+    """What `submit` takes besides the config and overrides; None: the config's launcher section."""
+
+    nodes: int | None = None
+    gpus_per_node: int | None = None
+    procs_per_node: int | None = None
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    exclusive: bool = False
+    partition: str | None = None
+    account: str | None = None
+    time: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    signal_seconds: int | None = None
+    no_requeue: bool = False
+    dependency: str | None = None
+    chain: int = 1
+    array: bool = False
+    max_parallel: int | None = None
+    run_dir: str | None = None
+    dry_run: bool = False
+    parsable: bool = False
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> SubmitOptions:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+    @classmethod
+    def parse(cls, argv: Sequence[str]) -> SubmitOptions:
+        """From `submit`'s command-line options (e.g. an experiment's `--slurm-args`)."""
+        parser = argparse.ArgumentParser(prog="engram-pretrain submit", add_help=False)
+        add_submit_options(parser)
+        return cls.from_namespace(parser.parse_args(list(argv)))
 
 
 # ---------------------------------------------------------------------------- launch
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from ..cli import load, resolve_config_path
-
-    cfg = load(args.config, args.overrides)
+    cfg = load_preset(args.config, args.overrides)
     nproc = args.nproc if args.nproc is not None else cfg.launcher.procs_per_node
     overrides = [*args.overrides, "launcher.nodes=1", f"launcher.procs_per_node={nproc}"]
-    load(args.config, overrides)  # validates the launch settings too
+    load_preset(args.config, overrides)  # validates the launch settings too
     config = str(resolve_config_path(args.config).absolute())
     log_dir = Path(cfg.output_dir).absolute() / "logs" / "local"
     cmd = ["bash", str(LOCAL_SCRIPT), "--nproc", str(nproc), "--log-dir", str(log_dir), "--",
@@ -93,21 +135,17 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- submit
 
-def _load_tasks(args: argparse.Namespace) -> list[tuple[str, list[str], RunConfig]]:
-    from ..cli import load
-
-    entries = read_task_list(Path(args.config)) if args.array else [[args.config]]
-    return [(e[0], [*e[1:], *args.overrides], load(e[0], [*e[1:], *args.overrides])) for e in entries]
+def _load_tasks(config: str, overrides: Sequence[str], array: bool) -> list[tuple[str, list[str], RunConfig]]:
+    entries = read_task_list(Path(config)) if array else [[config]]
+    return [(e[0], [*e[1:], *overrides], load_preset(e[0], [*e[1:], *overrides])) for e in entries]
 
 
-def build_spec(args: argparse.Namespace) -> SbatchSpec:
-    """The SbatchSpec of `submit` arguments: CLI options over the (first) config's launcher section.
+def build_spec(config: str, overrides: Sequence[str], args: SubmitOptions) -> SbatchSpec:
+    """The SbatchSpec of a submission: options over the (first) config's launcher section.
 
     Every task's config is loaded and validated with the launch settings as overrides
     (`launcher.nodes`, `launcher.procs_per_node`, and `launcher.backend=gloo` on CPU nodes)."""
-    from ..cli import load, resolve_config_path
-
-    tasks = _load_tasks(args)
+    tasks = _load_tasks(config, overrides, args.array)
     lc = tasks[0][2].launcher
     gpus = args.gpus_per_node
     if gpus is None:
@@ -117,29 +155,26 @@ def build_spec(args: argparse.Namespace) -> SbatchSpec:
         procs = gpus if gpus > 0 else lc.procs_per_node
     nodes = args.nodes if args.nodes is not None else lc.nodes
     argvs = []
-    for name, overrides, cfg in tasks:
+    for name, task_overrides, cfg in tasks:
         launch = [f"launcher.nodes={nodes}", f"launcher.procs_per_node={procs}"]
         if gpus == 0 and cfg.launcher.backend == "auto":
             launch.append("launcher.backend=gloo")
-        load(name, [*overrides, *launch])
-        argvs.append(["train", str(resolve_config_path(name).absolute()), *overrides, *launch,
+        load_preset(name, [*task_overrides, *launch])
+        argvs.append(["train", str(resolve_config_path(name).absolute()), *task_overrides, *launch,
                       "--resume", "auto"])
     out_dirs = [str(Path(cfg.output_dir).absolute()) for _, _, cfg in tasks]
     if len(set(out_dirs)) != len(out_dirs):
-        from ..config import ConfigError
-
         raise ConfigError("array tasks share an output_dir (their checkpoints would collide): "
                           + ", ".join(sorted({d for d in out_dirs if out_dirs.count(d) > 1})))
     if args.run_dir:
         run_dir = Path(args.run_dir)
     elif args.array:
-        run_dir = Path("runs") / "sweeps" / Path(args.config).stem
+        run_dir = Path("runs") / "sweeps" / Path(config).stem
     else:
         run_dir = Path(tasks[0][2].output_dir)
-    pick = {name: getattr(args, name) or getattr(lc, name)
-            for name in ("partition", "account", "time", "qos", "constraint")}
+    pick = {name: getattr(args, name) or getattr(lc, name) for name in SLURM_OPTIONS}
     return SbatchSpec(
-        job_name=Path(args.config).stem if args.array else tasks[0][2].name,
+        job_name=Path(config).stem if args.array else tasks[0][2].name,
         run_dir=run_dir.absolute(), workdir=Path.cwd(), tasks=argvs, nodes=nodes, procs_per_node=procs,
         gpus_per_node=gpus, backend=lc.backend, cpus_per_task=args.cpus_per_task, mem=args.mem,
         exclusive=args.exclusive,
@@ -149,10 +184,14 @@ def build_spec(args: argparse.Namespace) -> SbatchSpec:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    spec = build_spec(args)
-    if args.chain < 1:
-        from ..config import ConfigError
+    return submit_jobs(args.config, args.overrides, SubmitOptions.from_namespace(args))
 
+
+def submit_jobs(config: str, overrides: Sequence[str], args: SubmitOptions) -> int:
+    """Render the sbatch script of `config` (a task list with `args.array`) and submit it `args.chain`
+    times (afterok), or print it with `args.dry_run`; returns the exit code of `engram-pretrain submit`."""
+    spec = build_spec(config, overrides, args)
+    if args.chain < 1:
         raise ConfigError(f"--chain: must be >= 1, got {args.chain}")
     script = write_script(spec)
     if args.dry_run:

@@ -20,16 +20,17 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError
+from ..config import REPO_ROOT, SLURM_OPTIONS, ConfigError, LauncherConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO_ROOT / "launchers" / "slurm" / "train.sbatch.template"
 SCRIPT_NAME = "submit.sbatch"
 
 
-@dataclass
-class SbatchSpec:
-    """Everything the rendered sbatch script depends on."""
+@dataclass(kw_only=True)
+class SbatchSpec(LauncherConfig):
+    """Everything the rendered sbatch script depends on: the run's launcher settings (nodes, ranks per
+    node, backend, the SLURM options, signal lead time, rendezvous port; see `LauncherConfig`) plus what
+    the submission adds."""
 
     job_name: str
     run_dir: Path
@@ -38,26 +39,14 @@ class SbatchSpec:
     """Absolute working directory of the job (relative paths in the config resolve against it)."""
     tasks: list[list[str]]
     """`engram-pretrain` arguments per array index; a single entry without `array` is a plain job."""
-    nodes: int = 1
-    procs_per_node: int = 1
     gpus_per_node: int = 0
     """GPUs requested per node (`--gres=gpu:G`); 0: a CPU job (gloo), no GRES request."""
-    backend: str = "auto"
-    partition: str | None = None
-    account: str | None = None
-    time: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
     cpus_per_task: int | None = None
     """CPUs of the one task per node; None: the srun step takes every CPU SLURM gave the job on the node."""
     mem: str | None = None
     exclusive: bool = False
-    signal_seconds: int = 120
-    """`--signal=B:USR1@<s>`: checkpoint this long before the time limit; 0: no signal line."""
     requeue: bool = True
     """Requeue the job after a SIGUSR1 stop (it resumes from the latest complete checkpoint)."""
-    master_port: int = 29500
-    """Base rendezvous port; the job adds `job id % 1000`."""
     array: bool = False
     max_parallel: int | None = None
     """Array throttle: at most this many array tasks run at once (`--array=0-N%K`)."""
@@ -107,7 +96,7 @@ def directives(spec: SbatchSpec) -> list[str]:
         opts.append(f"--mem={spec.mem}")
     if spec.exclusive:
         opts.append("--exclusive")
-    for name in ("partition", "account", "time", "qos", "constraint"):
+    for name in SLURM_OPTIONS:
         value = getattr(spec, name)
         if value:
             opts.append(f"--{name}={value}")

@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, RunConfig
+from ..config import REPO_ROOT, ConfigError, RunConfig
 from ..model.engram_hash import segment_ids_from_eod
 from ..model.transformer import EngramMoEModel
 from ..parallel.expert_parallel import ExpertParallel, setup_expert_parallel, split_expert_param_groups
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 AUTO = "auto"
 """Placeholder in `ds_configs/*.json` for a value the run settings fill in."""
 
