@@ -81,7 +81,8 @@ def eq9_sinkhorn_torch(logits: Tensor, iters: int) -> Tensor:
 def reference_coefficients(
     streams: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token fp64 loop of BACKBONE §1.3; Sinkhorn is the shipped comb recipe (Eq. 9 when eps = 0)."""
+    """Per-token fp64 loop of mHC Eq. 14-19 (docs/model.md rules M3-M5); Sinkhorn is the shipped comb recipe
+    (Eq. 9 when eps = 0)."""
     b, t, m, d = streams.shape
     pre = torch.zeros(b, t, m, dtype=F64)
     post = torch.zeros(b, t, m, dtype=F64)

@@ -1,6 +1,7 @@
 """DeepSeekMoE layer: router, dropless dispatch, loss-free bias and the sequence balance loss.
 
-References are straightforward per-token fp64 loops written here (BACKBONE.md §2).
+References are straightforward per-token fp64 loops written here (DeepSeek-V3 §2.1.2; docs/model.md rules
+R1-R6).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def ref_moe(moe: MoE, x: torch.Tensor, cfg: MoEConfig) -> tuple[torch.Tensor, li
 
 
 def ref_seq_aux(moe: MoE, x: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
-    """BACKBONE §2.4 per sequence (bias-selected experts for f_i), averaged over the batch."""
+    """DeepSeek-V3 Eq. 17-20 per sequence (bias-selected experts for f_i; rule R5), averaged over B."""
     total = torch.zeros((), dtype=torch.float64)
     b, t, _ = x.shape
     n_e, k = cfg.num_routed_experts, cfg.top_k

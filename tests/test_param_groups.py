@@ -1,4 +1,5 @@
-"""Parameter groups: each trainable parameter exactly once, tables excluded, the grouping of BACKBONE §4.2."""
+"""Parameter groups: each trainable parameter exactly once, tables excluded, the grouping of docs/model.md
+rules O1-O4."""
 
 from __future__ import annotations
 

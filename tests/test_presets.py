@@ -8,7 +8,7 @@ from engram_pretrain.analysis.params import count_parameters
 from engram_pretrain.cli import PRESET_DIR, main
 from engram_pretrain.config import load_config
 
-# Engram paper Table 1 / ENGRAM_SPEC §4: (total, activated w/o embedding and head, Engram).
+# Engram paper Table 1 (docs/model.md rule X2): (total, activated w/o embedding and head, Engram).
 PAPER = {
     "moe-27b": (26.7e9, 3.8e9, 0.0),
     "engram-27b": (26.7e9, 3.8e9, 5.7e9),

@@ -1,6 +1,7 @@
 """Linear CKA with the unbiased HSIC estimator (Song et al. 2012), accumulated over fixed-size minibatches.
 
-BACKBONE §5.1. For representations X: [n, p] and Y: [n, q] of the same n examples, K = XXᵀ, L = YYᵀ and
+Linear CKA of Kornblith et al. 2019, as in the Engram paper's Eq. 8 (docs/model.md rules A2-A4). For
+representations X: [n, p] and Y: [n, q] of the same n examples, K = XXᵀ, L = YYᵀ and
 
     CKA = HSIC₁(K, L) / sqrt(HSIC₁(K, K) · HSIC₁(L, L)).
 

@@ -2,8 +2,8 @@
 
 Representations are the model's own `output_hidden_states`: the embedding (layer 0) and every block output
 (layers 1..L), each collapsed from the M residual streams to [B, T, D] by the learned head collapse, the
-collapse the LM head reads (BACKBONE §1.5a, §5.1). Both models of a comparison see the same input ids and the
-same selected positions.
+collapse the LM head reads (docs/model.md rules M8 and A1). Both models of a comparison see the same input
+ids and the same selected positions.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""LogitLens (BACKBONE §5.2): each layer's hidden state through the final norm and the LM head, compared
-with the model's final output distribution.
+"""LogitLens (nostalgebraist 2020; Engram paper §6.1.1; docs/model.md rule A5): each layer's hidden state
+through the final norm and the LM head, compared with the model's final output distribution.
 
 For layer l with collapsed hidden state h_l: [N, D], log p_l = log_softmax(lm_head(norm(h_l))) in fp32.
 The final distribution p_L is the same computation on the last block's output (the model's own logits).

@@ -1,4 +1,4 @@
-"""The ablation run set of the paper's Figure 5 (ENGRAM_SPEC §1, §5) for one family.
+"""The ablation run set of the Engram paper's §6.2 / Figure 5 (docs/model.md rule X3) for one family.
 
 | run | what |
 |---|---|

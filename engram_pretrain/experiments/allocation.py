@@ -1,4 +1,4 @@
-"""The sparsity-allocation sweep of the paper's Figure 3 (ENGRAM_SPEC §5).
+"""The sparsity-allocation sweep of the Engram paper's Figure 3 (docs/model.md rule X4).
 
 Total and activated parameters stay fixed while the share of the *sparse* parameters (total minus
 activated, both without embedding and LM head) held by Engram tables varies. Starting from the family's

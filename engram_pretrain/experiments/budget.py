@@ -1,4 +1,5 @@
-"""Iso-parameter accounting (ENGRAM_SPEC §3.1): counts, table rows, table-size calibration, MoE baselines.
+"""Iso-parameter accounting (Engram paper §3.1; docs/model.md rules X1-X2): counts, table rows,
+table-size calibration, MoE baselines.
 
     acc = accounting(cfg.model)                       # total / activated / tables / rows / share
     model = calibrate_tables(model, target_total)     # base_table_size so that total == target (to a row)

@@ -1,4 +1,4 @@
-"""Row-sparse ("lazy") Adam for Engram tables (ENGRAM_SPEC §2; DESIGN "Tables are not dense parameters").
+"""Row-sparse ("lazy") Adam for Engram tables (Engram paper §4.1; docs/model.md rule O6).
 
 Gradients are torch sparse COO tensors, as produced by `F.embedding(..., sparse=True)` (tables built with
 `sparse=True`) or assembled with `add_row_grad` (e.g. row gradients routed to a table shard). A row is

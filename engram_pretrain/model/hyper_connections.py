@@ -4,7 +4,7 @@ The residual state of a token is M streams of width D, `streams: [B, T, M, D]`. 
 (attention, FFN/MoE, ...) gets its own `HyperConnection`; the embedding is replicated into the streams
 once (`expand_streams`) and collapsed once before the final norm and the LM head (`HeadCollapse`).
 
-Conventions (BACKBONE.md §1):
+Conventions (mHC paper §4; docs/model.md, 'Rules the code follows', rules M1-M9):
 
 * `H_res[k, j]` weights input stream j into output stream k:
   `x'_k = post_k * F(u) + sum_j H_res[k, j] * x_j`, with `u = sum_k pre_k * x_k`.
@@ -259,7 +259,10 @@ def _coefficient_stats(h_pre: Tensor, h_post: Tensor, h_res: Tensor) -> dict[str
 
 
 class HeadCollapse(nn.Module):
-    """Learned pre-only collapse of the streams before the final norm (BACKBONE §1.5a).
+    """Learned pre-only collapse of the streams before the final norm (docs/model.md rule M8).
+
+    The mHC paper does not say how the streams are merged before the head; this is the learned collapse of
+    DeepSeek-V4's released inference code (`hc_head`).
 
     w = sigmoid(alpha * (x_flat @ phi^T) / rms(x_flat) + bias) + eps; h = sum_k w_k x_k.
     Parameters (fp32): `phi` [M, M*D] ~ N(0, phi_init_std^2), `bias` [M] = 0, `alpha` [1] = alpha_init.

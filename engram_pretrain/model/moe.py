@@ -8,7 +8,8 @@ Pieces, kept separate so that an expert-parallel dispatcher can replace the loca
 - `ExpertDispatcher` / `LocalExpertDispatcher`: send token slots to experts and combine the results.
 - `MoE`: router + routed experts + fused shared experts, plus load bookkeeping and the bias update.
 
-Spec: BACKBONE.md §2.
+Rules: DeepSeek-V3 (arXiv 2412.19437) §2.1.2 and Eq. 17-20; docs/model.md, 'Rules the code follows',
+rules R1-R6.
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ class MoE(nn.Module):
       over this rank's tokens and all E global experts, also when the dispatcher holds only a share of the
       experts (expert parallelism): summing it over all ranks gives the global-batch load.
     - `last_load` [E]: the counts of the last forward (any mode), for metrics.
-    - `aux_loss`: the sequence-wise balance loss of the last forward (BACKBONE §2.4), or None when
+    - `aux_loss`: the sequence-wise balance loss of the last forward (V3 Eq. 17-20, rule R5), or None when
       `seq_aux_loss_coef == 0` or not training. The trainer adds it to the LM loss.
     """
 

@@ -1,4 +1,7 @@
-"""Muon with AdamW for the rest (Moonlight semantics, BACKBONE §4), as one client optimizer for DeepSpeed.
+"""Muon with AdamW for the rest, as one client optimizer for DeepSpeed.
+
+Moonlight semantics (Liu et al., "Muon is Scalable for LLM Training", arXiv 2502.16982; docs/model.md,
+'Rules the code follows', rule O5).
 
 Groups with `use_muon=True` (hidden matrices, see `param_groups.param_groups_for`) take the Muon step; the
 others take AdamW. For a Muon parameter W (2-D [A, B], or 3-D [E, A, B] = E separate matrices, e.g. the

@@ -1,4 +1,4 @@
-"""Parameter groups of the backbone optimizer (ENGRAM_SPEC §2, BACKBONE §4.2).
+"""Parameter groups of the backbone optimizer (Engram paper §4.1; docs/model.md rules O1-O4).
 
 Every trainable parameter of the model lands in exactly one group, except the Engram tables, which are
 optimised by `RowSparseAdam` and returned by `engram_table_params` instead. Groups (empty ones dropped):
@@ -14,10 +14,10 @@ optimised by `RowSparseAdam` and returned by `engram_table_params` instead. Grou
 | `engram_decay`     | >= 2-D Engram weights: depthwise conv (with adamw: also W_V, W_K)    | wd   | no   |
 | `engram_no_decay`  | Engram biases and norm weights                                       | 0    | no   |
 
-Router and mHC phi stay on AdamW (BACKBONE §4.2: the conservative choice for the ambiguous cases), as
-do embedding and LM head (Moonlight) and the depthwise conv kernel [C, 1, K] (not a matrix). The MoE
-router's `expert_bias` is a buffer, not a parameter. Each group carries `name`, `params`, `lr`,
-`weight_decay` and `use_muon`.
+Router and mHC phi stay on AdamW (no paper settles these two 2-D cases; AdamW is the conservative choice,
+docs/model.md rule O3), as do embedding and LM head (Moonlight) and the depthwise conv kernel [C, 1, K]
+(not a matrix). The MoE router's `expert_bias` is a buffer, not a parameter. Each group carries `name`,
+`params`, `lr`, `weight_decay` and `use_muon`.
 """
 
 from __future__ import annotations
