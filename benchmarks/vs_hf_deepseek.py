@@ -106,12 +106,9 @@ class HFStep:
         from transformers import DeepseekV3ForCausalLM
 
         from engram_pretrain.data.loader import build_loaders
-        from engram_pretrain.train.engine import (
-            GuardedAdamW,
-            build_ds_config,
-            quiet_deepspeed,
-            seed_everything,
-        )
+        from engram_pretrain.train.distributed import quiet_deepspeed, seed_everything
+        from engram_pretrain.train.ds_config import build_ds_config
+        from engram_pretrain.train.optimizers import GuardedAdamW
 
         quiet_deepspeed()
         self.cfg = cfg

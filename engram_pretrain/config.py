@@ -391,10 +391,11 @@ def config_diff(a: Any, b: Any) -> dict[str, tuple[Any, Any]]:
     return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
 
 
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `over` merged in, dictionaries recursively (neither is modified)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -409,7 +410,7 @@ def read_yaml_tree(path: str | Path) -> dict[str, Any]:
     base = data.pop("base", None)
     if base is None:
         return data
-    return _deep_merge(read_yaml_tree(path.parent / base), data)
+    return deep_merge(read_yaml_tree(path.parent / base), data)
 
 
 def apply_override(tree: dict[str, Any], override: str) -> None:

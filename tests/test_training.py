@@ -21,7 +21,7 @@ from engram_pretrain.config import ConfigError, RunConfig, load_config
 from engram_pretrain.testing.datasets import make_dataset_dir
 from engram_pretrain.testing.distributed import run_distributed
 from engram_pretrain.train.checkpoint import COMPLETE, LATEST, Checkpointer, find_latest, resolve_resume
-from engram_pretrain.train.engine import build_ds_config
+from engram_pretrain.train.ds_config import build_ds_config
 
 TINY = [
     "model.vocab_size=96", "model.hidden_size=32", "model.num_layers=3", "model.max_seq_len=64",
@@ -56,7 +56,7 @@ def _trainer(cfg: RunConfig, resume: str | None = None) -> Any:
 
 def _state(trainer: Any) -> dict[str, np.ndarray]:
     """Full weights (numpy: tensors do not cross the result queue once the worker exits)."""
-    from engram_pretrain.train.engine import consolidated_state_dict
+    from engram_pretrain.train.components import consolidated_state_dict
 
     return {k: v.numpy() for k, v in consolidated_state_dict(trainer.c).items()}
 

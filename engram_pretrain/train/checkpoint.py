@@ -44,7 +44,7 @@ from ..parallel.expert_parallel import check_expert_checkpoint
 from .table_checkpoint import TABLES_DIR, load_table_shards, save_table_shards
 
 if TYPE_CHECKING:
-    from .engine import TrainComponents
+    from .components import TrainComponents
 
 logger = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from ..model.config import ModelConfig
 from .checkpoint import TABLE_SUFFIX, checkpoint_state_dict, resolve_checkpoint
 
 if TYPE_CHECKING:
+    from ..memory.table_store import TableStore
     from ..model.transformer import EngramMoEModel
     from ..parallel.expert_parallel import ExpertParallel
-    from .engine import TableStore
 
 logger = logging.getLogger(__name__)
 

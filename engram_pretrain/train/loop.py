@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from ..config import RunConfig, dump_config, to_dict
 from .checkpoint import Checkpointer, SaveReport, checkpoint_dir, resolve_resume
-from .engine import TrainComponents, set_learning_rates
+from .components import TrainComponents, set_learning_rates
 from .metrics import MetricsSink, console_line, load_stats, memory_stats, mfu, peak_flops
 
 logger = logging.getLogger(__name__)
@@ -407,7 +407,8 @@ def setup_logging(rank: int) -> None:
 def build_trainer(cfg: RunConfig, resume: str | None = "auto") -> Trainer:
     """Everything for one rank of a run (initialises the process group if needed); resumes when asked."""
     from ..data.loader import build_loaders
-    from .engine import build_components, init_distributed
+    from .distributed import init_distributed
+    from .engine import build_components
 
     info = init_distributed(cfg.launcher.backend)
     train_batches, valid_batches, dataset = build_loaders(cfg, info.rank, info.world_size)
@@ -445,7 +446,7 @@ def _initial_checkpoint_mismatch(path: Path, cfg: RunConfig, world_size: int) ->
     `engram-pretrain import` on one process), cannot be resumed in this run's layout; None when it can (or
     when it is not such a checkpoint)."""
     from ..parallel.expert_parallel import checkpoint_ep_size
-    from .engine import build_ds_config
+    from .ds_config import build_ds_config
 
     state = json.loads((path / "trainer.json").read_text())
     if int(state.get("step", -1)) != 0 or not state.get("init_from"):
@@ -463,7 +464,7 @@ def _initial_checkpoint_mismatch(path: Path, cfg: RunConfig, world_size: int) ->
 def run_training(cfg: RunConfig, resume: str | None = "auto") -> int:
     """`engram-pretrain train`: train one run on this process's rank; returns the exit code
     (`EXIT_OK`, `EXIT_CONFIG`, `EXIT_NONFINITE`)."""
-    from .engine import init_distributed
+    from .distributed import init_distributed
 
     info = init_distributed(cfg.launcher.backend)
     setup_logging(info.rank)
