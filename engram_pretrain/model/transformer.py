@@ -20,6 +20,17 @@ from .engram import EngramModule, TableFactory, local_table_factory
 from .hyper_connections import HeadCollapse, HyperConnection, expand_streams
 from .moe import MoE, SwiGLU
 
+# State-dict names that code outside the model relies on (checkpoints, export, init_from).
+ROUTER_BIAS_SUFFIX = ".ffn.router.expert_bias"
+"""Suffix of the MoE routers' loss-free balancing biases (`blocks.<L>.ffn.router.expert_bias`)."""
+TABLE_SUFFIX = ".engram.table.weight"
+"""Suffix of an Engram table in a model built with local tables (`blocks.<L>.engram.table.weight`)."""
+
+
+def table_weight_name(layer: int) -> str:
+    """The state-dict name of layer `layer`'s Engram table in a whole model (local tables)."""
+    return f"blocks.{int(layer)}{TABLE_SUFFIX}"
+
 
 @dataclass
 class ModelOutput:

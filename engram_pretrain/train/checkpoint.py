@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import RunConfig, dump_config
+from ..model.transformer import ROUTER_BIAS_SUFFIX, table_weight_name
 from ..parallel.expert_parallel import check_expert_checkpoint
 from .table_checkpoint import TABLES_DIR, load_table_shards, save_table_shards
 
@@ -54,17 +55,8 @@ COMPLETE = "complete"
 LATEST = "latest"
 DS_TAG = "ds"
 BUFFERS = "buffers.pt"
-ROUTER_BIAS = ".ffn.router.expert_bias"
-"""State-dict suffix of the MoE routers' loss-free balancing biases (`blocks.<L>.ffn.router.expert_bias`)."""
-TABLE_SUFFIX = ".engram.table.weight"
-"""State-dict suffix of an Engram table in a whole model (`blocks.<L>.engram.table.weight`)."""
 FORMAT = 2
 """1: tables.pt + table_optim.pt (replicated only); 2: tables/ row-range files."""
-
-
-def table_weight_name(layer: int) -> str:
-    """The state-dict name of layer `layer`'s Engram table in a whole model (local tables)."""
-    return f"blocks.{int(layer)}{TABLE_SUFFIX}"
 
 
 def step_dir_name(step: int) -> str:
@@ -192,7 +184,8 @@ def checkpoint_state_dict(step_dir: str | Path) -> dict[str, torch.Tensor]:
         state[table_weight_name(layer)] = weight.float()
     if (step_dir / BUFFERS).is_file():
         biases = torch.load(step_dir / BUFFERS, map_location="cpu", weights_only=True)["moe_expert_bias"]
-        names = sorted((k for k in state if k.endswith(ROUTER_BIAS)), key=lambda k: int(k.split(".")[1]))
+        names = sorted((k for k in state if k.endswith(ROUTER_BIAS_SUFFIX)),
+                       key=lambda k: int(k.split(".")[1]))
         if len(names) != len(biases):
             raise ValueError(f"{step_dir}/{BUFFERS}: {len(biases)} router biases for {len(names)} MoE layers")
         state.update({name: bias.float() for name, bias in zip(names, biases, strict=True)})

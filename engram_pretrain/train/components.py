@@ -11,7 +11,7 @@ import torch
 from ..config import RunConfig
 from ..memory.table_store import TableStore
 from ..model.engram_hash import segment_ids_from_eod
-from ..model.transformer import EngramMoEModel
+from ..model.transformer import EngramMoEModel, table_weight_name
 from ..parallel.expert_parallel import ExpertParallel
 from .distributed import DistInfo
 
@@ -86,8 +86,6 @@ def consolidated_state_dict(c: TrainComponents) -> dict[str, torch.Tensor]:
     expert parallelism (all routed experts gathered over the EP group) and with sharded tables (every rank
     gets the whole tables)."""
     import deepspeed
-
-    from .checkpoint import table_weight_name
 
     params = list(c.model.parameters())
     with deepspeed.zero.GatheredParameters(params, enabled=c.zero_stage == 3):

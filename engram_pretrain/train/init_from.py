@@ -20,7 +20,8 @@ import torch.distributed as dist
 from ..config import ConfigError, RunConfig, config_diff, from_dict, read_yaml_tree
 from ..export.importer import ExportedTensors, read_hf_config
 from ..model.config import ModelConfig
-from .checkpoint import TABLE_SUFFIX, checkpoint_state_dict, resolve_checkpoint
+from ..model.transformer import TABLE_SUFFIX
+from .checkpoint import checkpoint_state_dict, resolve_checkpoint
 
 if TYPE_CHECKING:
     from ..memory.table_store import TableStore
