@@ -284,7 +284,7 @@ def _export(model: EngramMoEModel, data: Path, out: Path) -> Path:
 
 
 def _fake_checkpoint(model: EngramMoEModel, root: Path, table_format: int = 2, ep_size: int = 1) -> Path:
-    """A checkpoint in the trainer's layout (train/checkpoint.py, table_checkpoint.py, expert_parallel.py)
+    """A checkpoint in the trainer's layout (train/checkpoint/)
     without DeepSpeed optimizer partitions: the module file is read (ZeRO stage 0, or expert parallelism)."""
     from engram_pretrain.config import RunConfig, dump_config
 

@@ -19,15 +19,11 @@ from test_training import _assert_exact_resume, _close, _state, _straight_vs_res
 from engram_pretrain.config import ConfigError, load_config
 from engram_pretrain.model.config import MoEConfig
 from engram_pretrain.model.moe import GroupedExperts, LocalExpertDispatcher, MoE
-from engram_pretrain.parallel.expert_parallel import (
-    EXPERTS_DIR,
-    check_expert_checkpoint,
-    check_expert_parallel_config,
-    checkpoint_ep_size,
-)
+from engram_pretrain.parallel.expert_parallel import check_expert_parallel_config
 from engram_pretrain.parallel.groups import expert_parallel_ranks
 from engram_pretrain.testing.datasets import make_dataset_dir
 from engram_pretrain.testing.distributed import run_distributed
+from engram_pretrain.train.checkpoint import EXPERTS_DIR, check_expert_checkpoint, checkpoint_ep_size
 
 D, H, E, K = 6, 5, 4, 2
 

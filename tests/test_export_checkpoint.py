@@ -129,7 +129,7 @@ def test_import_round_trip_and_continued_pretraining(source: dict[str, Path]) ->
 def _layout_job(rank: int, world: int, data: str, out: str, source: str, overrides: list[str],
                 resume: str = "none") -> dict[str, Any]:
     from engram_pretrain.config import load_config
-    from engram_pretrain.train.components import consolidated_state_dict
+    from engram_pretrain.train.checkpoint import consolidated_state_dict
     from engram_pretrain.train.loop import build_trainer
 
     cfg = load_config(None, [*MODEL, *TRAINING, f"data.paths=[{data}]", f"output_dir={out}",

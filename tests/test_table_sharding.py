@@ -369,7 +369,7 @@ def _reshard_job(rank: int, world: int, sharding: str, host: bool, load_from: st
     from engram_pretrain.kernels import get_ops
     from engram_pretrain.memory.sparse_optim import RowSparseAdam
     from engram_pretrain.memory.table_store import TableStore
-    from engram_pretrain.train.table_checkpoint import load_table_shards, save_table_shards
+    from engram_pretrain.train.checkpoint import load_table_shards, save_table_shards
 
     ops = get_ops("torch")
     store = TableStore(sharding=sharding, host=host, ops=ops, seed=seed)
@@ -398,7 +398,7 @@ def _reshard_job(rank: int, world: int, sharding: str, host: bool, load_from: st
 
 def test_reshard_on_resume_2_to_4_to_1(dist_runs: dict[Any, Any], tmp_path: Path) -> None:
     from engram_pretrain.memory.table_store import TableStore
-    from engram_pretrain.train.table_checkpoint import load_table_shards, read_full_tables
+    from engram_pretrain.train.checkpoint import load_table_shards, read_full_tables
 
     two, four = dist_runs["root"] / "w2", dist_runs["root"] / "w4"
     saved = [r["reshard"] for r in dist_runs[2]]
@@ -459,7 +459,7 @@ def _e2e_job(rank: int, world: int, data: str, out: str) -> dict[str, Any]:
     import torch.distributed as dist
 
     from engram_pretrain.config import load_config
-    from engram_pretrain.train.components import consolidated_state_dict
+    from engram_pretrain.train.checkpoint import consolidated_state_dict
     from engram_pretrain.train.loop import build_trainer
 
     def run(name: str, *overrides: str, stop_at: int | None = None, resume: str | None = None) -> Any:

@@ -56,7 +56,7 @@ def _trainer(cfg: RunConfig, resume: str | None = None) -> Any:
 
 def _state(trainer: Any) -> dict[str, np.ndarray]:
     """Full weights (numpy: tensors do not cross the result queue once the worker exits)."""
-    from engram_pretrain.train.components import consolidated_state_dict
+    from engram_pretrain.train.checkpoint import consolidated_state_dict
 
     return {k: v.numpy() for k, v in consolidated_state_dict(trainer.c).items()}
 

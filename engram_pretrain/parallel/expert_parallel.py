@@ -26,15 +26,14 @@ the optimizer groups split with DeepSpeed's `split_params_into_different_moe_gro
 parameter-free DeepSpeed `MoE` marker attached to the model so the engine switches on its MoE path: expert
 gradients reduced (ZeRO 1/2: reduce-scattered and partitioned) over the expert-data-parallel group only,
 averaged by the whole data-parallel world (each expert's gradient already sums the tokens of the whole EP
-group), the global gradient norm combined over all experts. Expert weights are checkpointed here, one file
-per EP rank with global expert ranges (`save` / `load`); DeepSpeed writes the ZeRO partitions.
+group), the global gradient norm combined over all experts. Expert weights are checkpointed by
+`train.checkpoint.experts`, one file per EP rank with global expert ranges; DeepSpeed writes the ZeRO
+partitions.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -50,8 +49,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-EXPERTS_DIR = "experts"
-"""Checkpoint subdirectory with the expert shards (`ep_rank_<r>.pt`) and `meta.json`."""
 EXPERT_WEIGHTS = ("w1", "w3", "w2")
 
 
@@ -257,7 +254,7 @@ class ExpertParallel:
         """{state-dict name: [E, ...] CPU tensor} of every routed expert weight, gathered over the EP group
         (collective over it). The other entries of the model's state dict are already whole."""
         out = {}
-        for name, p in self._expert_params(model):
+        for name, p in self.expert_params(model):
             parts = [torch.empty_like(p.data) for _ in range(self.ep_size)]
             dist.all_gather(parts, p.data.contiguous(), group=self.groups.ep_group)
             out[name] = torch.cat(parts).detach().cpu()
@@ -267,68 +264,15 @@ class ExpertParallel:
         """(state-dict names of the routed expert weights, [E, ...] in a whole model; this EP rank's first
         and end global expert; the global expert count): what a rank takes from whole-model weights."""
         experts = model.moe_layers()[0].experts
-        names = [name for name, _ in self._expert_params(model)]
+        names = [name for name, _ in self.expert_params(model)]
         first = experts.expert_offset
         return names, first, first + experts.num_experts, experts.num_global_experts
 
     @staticmethod
-    def _expert_params(model: EngramMoEModel) -> list[tuple[str, nn.Parameter]]:
+    def expert_params(model: EngramMoEModel) -> list[tuple[str, nn.Parameter]]:
         names = {id(p): n for n, p in model.named_parameters()}
         return [(names[id(getattr(moe.experts, w))], getattr(moe.experts, w))
                 for moe in model.moe_layers() for w in EXPERT_WEIGHTS]
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def save(self, model: EngramMoEModel, directory: str | Path) -> None:
-        """Write `<directory>/experts/ep_rank_<r>.pt` (fp32 master weights of this EP rank's experts, written
-        by expert-data-parallel rank 0) and `meta.json` (global rank 0). Collective over the world."""
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        root = Path(directory) / EXPERTS_DIR
-        if dist.get_rank() == 0:
-            root.mkdir(parents=True, exist_ok=True)
-        dist.barrier()
-        shard: dict[str, Any] = {"ep_size": self.ep_size, "ep_rank": self.groups.ep_rank, "weights": {}}
-        for name, p in self._expert_params(model):
-            full = safe_get_full_fp32_param(p)  # ZeRO 1/2: gathered over the expert-DP group (collective)
-            shard["weights"][name] = (p.data if full is None else full).detach().float().cpu().clone()
-        experts = model.moe_layers()[0].experts
-        shard["expert_range"] = [experts.expert_offset, experts.expert_offset + experts.num_experts]
-        if self.groups.edp_rank == 0:
-            torch.save(shard, root / f"ep_rank_{self.groups.ep_rank:05d}.pt")
-        if dist.get_rank() == 0:
-            meta = {"ep_size": self.ep_size, "num_experts": experts.num_global_experts,
-                    "weights": [n for n, _ in self._expert_params(model)]}
-            (root / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-
-    def load(self, model: EngramMoEModel, directory: str | Path) -> None:
-        """Copy this EP rank's expert weights back from `save`'s file (after DeepSpeed's own load, which
-        restores the ZeRO partitions but fills every rank's module experts from rank 0's model file)."""
-        check_expert_checkpoint(directory, self.ep_size)
-        path = Path(directory) / EXPERTS_DIR / f"ep_rank_{self.groups.ep_rank:05d}.pt"
-        shard = torch.load(path, map_location="cpu", weights_only=True)
-        with torch.no_grad():
-            for name, p in self._expert_params(model):
-                if name not in shard["weights"] or shard["weights"][name].shape != p.shape:
-                    raise ValueError(f"{path}: no expert weight {name} of shape {tuple(p.shape)}")
-                p.data.copy_(shard["weights"][name].to(p.device))
-
-
-def checkpoint_ep_size(directory: str | Path) -> int:
-    """The expert-parallel size a checkpoint was written with (1 when it has no expert shards)."""
-    meta = Path(directory) / EXPERTS_DIR / "meta.json"
-    return int(json.loads(meta.read_text())["ep_size"]) if meta.is_file() else 1
-
-
-def check_expert_checkpoint(directory: str | Path, ep_size: int) -> None:
-    """ValueError unless the checkpoint was written with this `parallel.ep_size` (experts and their
-    optimizer state are not resharded to another expert-parallel size)."""
-    saved = checkpoint_ep_size(directory)
-    if saved != ep_size:
-        raise ValueError(f"{directory} was written with parallel.ep_size={saved}; resuming with "
-                         f"parallel.ep_size={ep_size} is not supported (the experts and their optimizer "
-                         "state are sharded by EP rank); relaunch with the original parallel.ep_size")
-
 
 def setup_expert_parallel(cfg: RunConfig, world_size: int, zero_stage: int) -> ExpertParallel | None:
     """Validate `parallel.ep_size` and, when > 1, create DeepSpeed's expert groups and the dispatcher

@@ -11,7 +11,7 @@ import torch
 from ..config import RunConfig
 from ..memory.table_store import TableStore
 from ..model.engram_hash import segment_ids_from_eod
-from ..model.transformer import EngramMoEModel, table_weight_name
+from ..model.transformer import EngramMoEModel
 from ..parallel.expert_parallel import ExpertParallel
 from .distributed import DistInfo
 
@@ -78,20 +78,3 @@ def set_learning_rates(c: TrainComponents, multiplier: float) -> tuple[float, fl
     for g in c.engine.optimizer.param_groups:
         g["lr"] = g.get("base_lr", o.lr) * multiplier
     return o.lr * multiplier, o.lr * o.engram_lr_multiplier * multiplier
-
-
-def consolidated_state_dict(c: TrainComponents) -> dict[str, torch.Tensor]:
-    """Full CPU state dict of the model *with* its tables under `blocks.<L>.engram.table.weight` (the names of
-    a model built with `LocalEngramTable`s). Collective under ZeRO-3 (parameters are gathered), with
-    expert parallelism (all routed experts gathered over the EP group) and with sharded tables (every rank
-    gets the whole tables)."""
-    import deepspeed
-
-    params = list(c.model.parameters())
-    with deepspeed.zero.GatheredParameters(params, enabled=c.zero_stage == 3):
-        state = {k: v.detach().cpu().clone() for k, v in c.model.state_dict().items()}
-    if c.expert_parallel is not None:
-        state.update(c.expert_parallel.full_expert_state(c.model))
-    for layer in c.tables.layers():
-        state[table_weight_name(layer)] = c.tables.full_weight(layer)
-    return state

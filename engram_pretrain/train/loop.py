@@ -21,7 +21,6 @@ all-reduce) the trainer saves a checkpoint and returns; the CLI exits with code 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import signal
@@ -445,10 +444,10 @@ def _initial_checkpoint_mismatch(path: Path, cfg: RunConfig, world_size: int) ->
     """Why the step-0 checkpoint `path`, written by a run started from `checkpoint.init_from` (e.g. by
     `engram-pretrain import` on one process), cannot be resumed in this run's layout; None when it can (or
     when it is not such a checkpoint)."""
-    from ..parallel.expert_parallel import checkpoint_ep_size
+    from .checkpoint import checkpoint_ep_size, read_trainer_state
     from .ds_config import build_ds_config
 
-    state = json.loads((path / "trainer.json").read_text())
+    state = read_trainer_state(path)
     if int(state.get("step", -1)) != 0 or not state.get("init_from"):
         return None
     stage = int(build_ds_config(cfg, world_size)["zero_optimization"]["stage"])

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from ..memory.table_store import TableStore
+    from ...memory.table_store import TableStore
 
 TABLES_DIR = "tables"
 _NAME = re.compile(r"^table_(\d+)_rows_(\d+)_(\d+)\.pt$")

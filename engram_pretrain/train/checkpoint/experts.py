@@ -1,0 +1,85 @@
+"""Routed experts in checkpoints under expert parallelism: `experts/ep_rank_<r>.pt` (this EP rank's experts,
+fp32 master weights, with their global expert range) and `experts/meta.json` (ep_size, expert count, the
+weight names). DeepSpeed's own files hold the ZeRO partitions; these restore the module weights it cannot
+place per EP rank, and let consolidation concatenate every expert in order."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from ...model.transformer import EngramMoEModel
+    from ...parallel.expert_parallel import ExpertParallel
+
+EXPERTS_DIR = "experts"
+"""Checkpoint subdirectory with the expert shards (`ep_rank_<r>.pt`) and `meta.json`."""
+EXPERT_META = "meta.json"
+
+
+def save_experts(ep: ExpertParallel, model: EngramMoEModel, directory: str | Path) -> None:
+    """Write `<directory>/experts/ep_rank_<r>.pt` (fp32 master weights of this EP rank's experts, written
+    by expert-data-parallel rank 0) and `meta.json` (global rank 0). Collective over the world."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    root = Path(directory) / EXPERTS_DIR
+    if dist.get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    shard: dict[str, Any] = {"ep_size": ep.ep_size, "ep_rank": ep.groups.ep_rank, "weights": {}}
+    for name, p in ep.expert_params(model):
+        full = safe_get_full_fp32_param(p)  # ZeRO 1/2: gathered over the expert-DP group (collective)
+        shard["weights"][name] = (p.data if full is None else full).detach().float().cpu().clone()
+    experts = model.moe_layers()[0].experts
+    shard["expert_range"] = [experts.expert_offset, experts.expert_offset + experts.num_experts]
+    if ep.groups.edp_rank == 0:
+        torch.save(shard, root / f"ep_rank_{ep.groups.ep_rank:05d}.pt")
+    if dist.get_rank() == 0:
+        meta = {"ep_size": ep.ep_size, "num_experts": experts.num_global_experts,
+                "weights": [n for n, _ in ep.expert_params(model)]}
+        (root / EXPERT_META).write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def load_experts(ep: ExpertParallel, model: EngramMoEModel, directory: str | Path) -> None:
+    """Copy this EP rank's expert weights back from `save`'s file (after DeepSpeed's own load, which
+    restores the ZeRO partitions but fills every rank's module experts from rank 0's model file)."""
+    check_expert_checkpoint(directory, ep.ep_size)
+    path = Path(directory) / EXPERTS_DIR / f"ep_rank_{ep.groups.ep_rank:05d}.pt"
+    shard = torch.load(path, map_location="cpu", weights_only=True)
+    with torch.no_grad():
+        for name, p in ep.expert_params(model):
+            if name not in shard["weights"] or shard["weights"][name].shape != p.shape:
+                raise ValueError(f"{path}: no expert weight {name} of shape {tuple(p.shape)}")
+            p.data.copy_(shard["weights"][name].to(p.device))
+
+
+def read_expert_weights(step_dir: str | Path) -> dict[str, torch.Tensor] | None:
+    """Every routed expert weight of an expert-parallel checkpoint, the EP ranks' shards concatenated in
+    expert order; None when the checkpoint has no expert shards."""
+    root = Path(step_dir) / EXPERTS_DIR
+    if not (root / EXPERT_META).is_file():
+        return None
+    shards = [torch.load(f, map_location="cpu", weights_only=True) for f in sorted(root.glob("ep_rank_*.pt"))]
+    shards.sort(key=lambda sh: sh["expert_range"][0])
+    names = json.loads((root / EXPERT_META).read_text())["weights"]
+    return {name: torch.cat([sh["weights"][name] for sh in shards]) for name in names}
+
+
+def checkpoint_ep_size(directory: str | Path) -> int:
+    """The expert-parallel size a checkpoint was written with (1 when it has no expert shards)."""
+    meta = Path(directory) / EXPERTS_DIR / EXPERT_META
+    return int(json.loads(meta.read_text())["ep_size"]) if meta.is_file() else 1
+
+
+def check_expert_checkpoint(directory: str | Path, ep_size: int) -> None:
+    """ValueError unless the checkpoint was written with this `parallel.ep_size` (experts and their
+    optimizer state are not resharded to another expert-parallel size)."""
+    saved = checkpoint_ep_size(directory)
+    if saved != ep_size:
+        raise ValueError(f"{directory} was written with parallel.ep_size={saved}; resuming with "
+                         f"parallel.ep_size={ep_size} is not supported (the experts and their optimizer "
+                         "state are sharded by EP rank); relaunch with the original parallel.ep_size")
