@@ -226,7 +226,7 @@ def _job(rank: int, world: int, config: str, data: str, out: str, variants: dict
         trainers[name] = trainer
         activated[name] = count_parameters(cfg.model).activated_with_head
         steps[name] = trainer.train_step
-        c = trainer.c
+        c = trainer.components
         if c.table_optimizer is not None:
             c.row_ids = watch.wrap(f"{name}: hashing (row ids)", c.row_ids)
             c.table_optimizer.step = watch.wrap(f"{name}: row-sparse Adam (+ row exchange)",
@@ -239,7 +239,7 @@ def _job(rank: int, world: int, config: str, data: str, out: str, variants: dict
     timed_steps = rounds * per_round
     parts = {k: v / timed_steps for k, v in watch.seconds.items()}
     for trainer in trainers.values():
-        destroy = getattr(trainer.c.engine, "destroy", None)
+        destroy = getattr(trainer.components.engine, "destroy", None)
         if destroy is not None:
             destroy()
     return {"times": times, "activated": activated, "parts": parts}

@@ -165,7 +165,7 @@ def _build(rank: int, world: int, data: str, out: str, variants: dict[str, dict[
         if v["kind"] == "ours":
             trainer = build_trainer(cfg, resume="none")
             steps[name] = trainer.train_step
-            closers[name] = getattr(trainer.c.engine, "destroy", lambda: None)
+            closers[name] = getattr(trainer.components.engine, "destroy", lambda: None)
             counts = count_parameters(cfg.model)
             facts[name] = {"params": counts.total, "activated": counts.activated_with_head}
         else:

@@ -259,7 +259,7 @@ def _equivalence_job(rank: int, world: int, data: str, out: str) -> dict[str, An
         # gradients of one micro-batch after DeepSpeed's reduction (ZeRO-0: they stay whole in p.grad)
         t = _trainer(tiny_config(data, f"{out}/grad{ep}", *common, "deepspeed.zero_stage=0",
                                  "train.grad_accum_steps=1", "train.steps=2"))
-        c = t.c
+        c = t.components
         batch = next(t.train_batches)
         ids = batch["input_ids"]
         c.engine.backward(c.engine(ids, labels=batch["labels"], engram_row_ids=c.row_ids(ids)).loss)
@@ -273,11 +273,12 @@ def _equivalence_job(rank: int, world: int, data: str, out: str) -> dict[str, An
         stats = [t.train_step() for _ in range(4)]
         res[f"run{ep}"] = {"losses": [s.loss for s in stats], "norms": [s.grad_norm for s in stats],
                            "loads": [[ld.tolist() for ld in s.loads] for s in stats], "state": _state(t),
-                           "groups": [g.get("name") for g in t.c.engine.optimizer.optimizer.param_groups]}
+                           "groups": [g.get("name")
+                                      for g in t.components.engine.optimizer.optimizer.param_groups]}
         _close(t)
         # one step where EP rank 1's experts (2, 3) receive no token anywhere: nothing hangs, same result
         t = _trainer(tiny_config(data, f"{out}/idle{ep}", *common, "deepspeed.zero_stage=2", "train.steps=2"))
-        _force_idle_experts(t.c, slice(2, 4))
+        _force_idle_experts(t.components, slice(2, 4))
         before = _state(t)
         stats = t.train_step()
         res[f"idle{ep}"] = {"loss": stats.loss, "loads": [ld.tolist() for ld in stats.loads],

@@ -135,7 +135,7 @@ def _layout_job(rank: int, world: int, data: str, out: str, source: str, overrid
     cfg = load_config(None, [*MODEL, *TRAINING, f"data.paths=[{data}]", f"output_dir={out}",
                              f"checkpoint.init_from={source}", *overrides])
     trainer = build_trainer(cfg, resume)
-    state = {k: v.numpy() for k, v in consolidated_state_dict(trainer.c).items()}
+    state = {k: v.numpy() for k, v in consolidated_state_dict(trainer.components).items()}
     trainer.sink.close()
     return {"state": state, "init_from": trainer.init_from, "resumed": trainer.last_checkpoint is not None}
 

@@ -469,14 +469,14 @@ def _e2e_job(rank: int, world: int, data: str, out: str) -> dict[str, Any]:
 
     def close(trainer: Any) -> None:
         trainer.sink.close()
-        trainer.c.tables.close()
+        trainer.components.tables.close()
 
     results: dict[str, Any] = {}
     for name, overrides in {"replicated": (), "sharded": ("parallel.table_sharding=sharded",),
                             "sharded_host": ("parallel.table_sharding=sharded", "parallel.host_tables=true"),
                             "replicated_host": ("parallel.host_tables=true",)}.items():
         trainer, res = run(name, *overrides)
-        c = trainer.c
+        c = trainer.components
         state = consolidated_state_dict(c)
         results[name] = {"losses": res.losses,
                          "tables": {k: v.numpy() for k, v in state.items() if k.endswith("table.weight")},

@@ -58,12 +58,12 @@ def _state(trainer: Any) -> dict[str, np.ndarray]:
     """Full weights (numpy: tensors do not cross the result queue once the worker exits)."""
     from engram_pretrain.train.checkpoint import consolidated_state_dict
 
-    return {k: v.numpy() for k, v in consolidated_state_dict(trainer.c).items()}
+    return {k: v.numpy() for k, v in consolidated_state_dict(trainer.components).items()}
 
 
 def _close(trainer: Any) -> None:
     trainer.sink.close()
-    destroy = getattr(trainer.c.engine, "destroy", None)
+    destroy = getattr(trainer.components.engine, "destroy", None)
     if destroy is not None:
         destroy()
 
@@ -136,7 +136,7 @@ def _resume_job(rank: int, world: int, data: str, out: str) -> dict[str, Any]:
 
     # -- one step: the tables change exactly in the rows the global batch touched, identically on all ranks
     trainer = _trainer(tiny_config(data, f"{out}/tables", "deepspeed.zero_stage=2", "train.steps=4"))
-    c = trainer.c
+    c = trainer.components
     peek = TrainBatches(trainer.train_batches.samples, c.cfg.train.micro_batch_size, rank, world,
                         trainer.train_batches.consumed_samples)
     touched: dict[int, set[int]] = {layer: set() for layer in c.tables.layers()}
@@ -169,7 +169,7 @@ def _resume_job(rank: int, world: int, data: str, out: str) -> dict[str, Any]:
             # NaN logits on rank 1 only: the other rank must skip the step as well
             return output * float("nan") if bad["on"] and dist.get_rank() == 1 else None
 
-        trainer.c.model.lm_head.register_forward_hook(poison)
+        trainer.components.model.lm_head.register_forward_hook(poison)
         trainer.fit(stop_at=1)
         s0 = _state(trainer)
         bad["on"] = True
@@ -515,3 +515,68 @@ def test_demo_runs_end_to_end_on_a_small_corpus(tmp_path: Path) -> None:
     assert "OK: below the unigram entropy" in done.stdout
     assert (out / "loss.png").stat().st_size > 10_000
     assert find_latest(out / "checkpoints").name == "step_60"
+
+
+
+class _Recorder:
+    """A user callback (subclassing `Callback` inside the worker) that records the hooks it sees."""
+
+    @staticmethod
+    def make() -> Any:
+        from engram_pretrain.train.callbacks import Callback
+
+        class Recorder(Callback):
+            def __init__(self) -> None:
+                self.events: list[tuple[str, int]] = []
+                self.records: dict[int, dict[str, Any]] = {}
+
+            def pre_train(self, trainer: Any) -> None:
+                self.events.append(("pre_train", trainer.step))
+
+            def pre_step(self, trainer: Any) -> None:
+                self.events.append(("pre_step", trainer.step))
+
+            def post_step(self, trainer: Any, stats: Any) -> None:
+                self.events.append(("post_step", trainer.step))
+                assert stats.loss == trainer.losses[-1]
+                trainer.stopped = trainer.step == 4
+
+            def log(self, trainer: Any, record: dict[str, Any]) -> None:
+                if "loss" in record:
+                    self.records[trainer.step] = {"loss": record["loss"], "val_loss": record["val_loss"]}
+
+            def post_train(self, trainer: Any) -> None:
+                self.events.append(("post_train", trainer.step))
+
+        return Recorder()
+
+
+def _callbacks_job(rank: int, world: int, data: str, out: str) -> dict[str, Any]:
+    from engram_pretrain.train.callbacks import Checkpointing, Evaluation, Metrics
+
+    trainer = _trainer(tiny_config(data, out, "train.steps=6", "checkpoint.interval=0"))
+    recorder = _Recorder.make()
+    trainer.callbacks.append(recorder)
+    defaults = Evaluation | Metrics | Checkpointing
+    order = [type(c).__name__ for c in trainer.callbacks if isinstance(c, defaults)]
+    result = trainer.fit()
+    _close(trainer)
+    return {"order": order, "events": recorder.events, "records": recorder.records, "step": result.step,
+            "stopped": result.stopped_early, "losses": result.losses, "val_losses": result.val_losses,
+            "last_checkpoint": result.last_checkpoint}
+
+
+def test_callbacks_see_every_step_in_order_and_can_stop_the_run(dataset: Path, tmp_path: Path) -> None:
+    """Extra callbacks run after the defaults: pre/post hooks around every step, the metrics records of
+    log steps (with the validation loss of eval steps) reach `log`, and setting `trainer.stopped` ends
+    `fit` after that step (no checkpoint is forced)."""
+    res = run_distributed(_callbacks_job, 1, args=(str(dataset), str(tmp_path / "run")))[0]
+    assert res["order"] == ["Evaluation", "Metrics", "Checkpointing"]
+    assert res["step"] == 4 and res["stopped"] and len(res["losses"]) == 4
+    want = [("pre_train", 0)] + [e for s in range(4) for e in (("pre_step", s), ("post_step", s + 1))]
+    assert res["events"] == [*want, ("post_train", 4)]
+    records = res["records"]
+    assert sorted(records) == [2, 3, 4]  # log_interval=2, plus the eval at step 3
+    assert records[3]["val_loss"] == res["val_losses"][3] and records[2]["val_loss"] is None
+    assert records[4]["loss"] == pytest.approx(res["losses"][3])  # the window since step 3's record
+    assert res["last_checkpoint"] is None

@@ -17,13 +17,14 @@ row raise `NonFiniteError` (exit code 3).
 
 Signals: SIGTERM and SIGUSR1 set a flag; at the next step boundary (all ranks agree through the
 all-reduce) the trainer saves a checkpoint and returns; the CLI exits with code 0.
+
+Around the step, `train.callbacks` does the rest (evaluation, metrics, logging, checkpoints, signals).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,9 +35,10 @@ import torch
 import torch.distributed as dist
 
 from ..config import RunConfig, dump_config, to_dict
+from .callbacks import Callback, StopRequest, default_callbacks
 from .checkpoint import Checkpointer, SaveReport, checkpoint_dir, resolve_resume
 from .components import TrainComponents, set_learning_rates
-from .metrics import MetricsSink, console_line, load_stats, memory_stats, mfu, peak_flops
+from .metrics import MetricsSink
 
 logger = logging.getLogger(__name__)
 
@@ -50,33 +52,6 @@ EXIT_NONFINITE = 3
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
-
-
-class StopRequest:
-    """SIGTERM / SIGUSR1 handler: remembers the signal; the trainer acts at the next step boundary."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        del frame
-        self.signum = signum
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
 
 
 @dataclass
@@ -112,14 +87,17 @@ class TrainResult:
 class Trainer:
     """Runs `cfg.train.steps` optimizer steps over `train_batches`, with eval, logging and checkpoints."""
 
-    def __init__(self, c: TrainComponents, train_batches: Any, valid_batches: Any | None,
-                 checkpointer: Checkpointer | None, sink: MetricsSink | None = None) -> None:
-        self.c = c
-        self.cfg: RunConfig = c.cfg
+    def __init__(self, components: TrainComponents, train_batches: Any, valid_batches: Any | None,
+                 checkpointer: Checkpointer | None, sink: MetricsSink | None = None,
+                 callbacks: list[Callback] | None = None) -> None:
+        self.components = components
+        self.cfg: RunConfig = components.cfg
         self.train_batches = train_batches
         self.valid_batches = valid_batches
         self.checkpointer = checkpointer
         self.sink = sink
+        self.callbacks: list[Callback] = [*default_callbacks(), *(callbacks or [])]
+        """Hooks around the steps (`train.callbacks`): the defaults, then `callbacks`."""
         self.step = 0
         self.skipped_steps = 0
         self.nonfinite_in_a_row = 0
@@ -129,11 +107,12 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.init_from: str | None = None
         """The `checkpoint.init_from` source this run started from (kept through resumes)."""
-        from ..analysis.params import count_parameters
-
-        self.activated_params = count_parameters(self.cfg.model).activated_with_head
-        self.peak_flops, self.peak_label = peak_flops(c.engine.device, bool(c.ds_config["bf16"]["enabled"]))
-        self._window: list[StepStats] = []
+        # state of the current `fit`
+        self.stop_at: int | None = None
+        self.stopped = False
+        """Set by a callback to end `fit` after the current step."""
+        self.losses: list[float] = []
+        self.val_losses: dict[int, float] = {}
 
     # ------------------------------------------------------------------ state
 
@@ -146,7 +125,7 @@ class Trainer:
         """Continue from a checkpoint written by `save`."""
         if self.checkpointer is None:
             raise ValueError("restore needs a Checkpointer")
-        state = self.checkpointer.load(self.c, path)
+        state = self.checkpointer.load(self.components, path)
         self.step = int(state["step"])
         self.train_batches.load_state_dict(state["data"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
@@ -155,21 +134,19 @@ class Trainer:
         self.init_from = state.get("init_from")
         self.last_saved_step = self.step
         self.last_checkpoint = Path(path)
-        if self.c.dist.rank == 0:
+        if self.components.dist.rank == 0:
             logger.info("resumed from %s at step %d (global sample %d)", path, self.step,
                         state["data"].get("consumed_samples", -1))
 
     def save(self) -> SaveReport | None:
         if self.checkpointer is None:
             return None
-        report = self.checkpointer.save(self.c, self.step, self.trainer_state())
+        report = self.checkpointer.save(self.components, self.step, self.trainer_state())
         self.last_saved_step, self.last_checkpoint = self.step, report.path
-        if self.c.dist.rank == 0:
+        if self.components.dist.rank == 0:
             logger.info("checkpoint %s: %.2f MB in %.2f s", report.path, report.num_bytes / 1e6,
                         report.seconds)
-        if self.sink is not None:
-            self.sink.write(self.step, {"checkpoint": {"bytes": report.num_bytes,
-                                                       "save_seconds": report.seconds}})
+        self.emit({"checkpoint": {"bytes": report.num_bytes, "save_seconds": report.seconds}})
         return report
 
     # ------------------------------------------------------------------ one step
@@ -181,14 +158,13 @@ class Trainer:
         t = self.cfg.train
         stats = self._optimizer_step()
         self.step += 1
-        self.tokens_seen += self._tokens_per_step()
-        self._window.append(stats)
+        self.tokens_seen += self.tokens_per_step()
         if not stats.skipped:
             self.nonfinite_in_a_row = 0
             return stats
         self.skipped_steps += 1
         self.nonfinite_in_a_row += 1
-        if self.c.dist.rank == 0:
+        if self.components.dist.rank == 0:
             logger.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", self.step,
                            self.nonfinite_in_a_row)
         if self.nonfinite_in_a_row >= t.max_nonfinite_steps:
@@ -203,7 +179,7 @@ class Trainer:
         """One optimizer step over `grad_accum_steps` micro-batches (collective on all ranks)."""
         from .schedule import lr_multiplier
 
-        c, cfg = self.c, self.cfg
+        c, cfg = self.components, self.cfg
         engine, device = c.engine, c.engine.device
         start = time.perf_counter()
         lr, table_lr = set_learning_rates(c, lr_multiplier(self.step, cfg.train.steps, cfg.schedule))
@@ -238,7 +214,7 @@ class Trainer:
         if bool(packed[1] > 0) and applied_by_engine:
             logger.error("step %d: non-finite loss but DeepSpeed applied the step", self.step)
         loads = list(packed[3:].split([m.num_experts for m in moes])) if moes else []
-        rows_touched = self._rows_touched() if self._is_log_step(self.step + 1) else {}
+        rows_touched = self._rows_touched() if self.is_log_step(self.step + 1) else {}
         if not skipped:
             if c.table_optimizer is not None:
                 c.table_optimizer.step(table_lr)
@@ -256,15 +232,15 @@ class Trainer:
 
     def _prefetch(self, batch: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Row ids of `batch`, whose table rows start gathering now (host tables; collective if sharded)."""
-        row_ids = self.c.row_ids(batch["input_ids"].to(self.c.engine.device))
-        self.c.prefetch_tables(row_ids)
+        row_ids = self.components.row_ids(batch["input_ids"].to(self.components.engine.device))
+        self.components.prefetch_tables(row_ids)
         return row_ids
 
     def _rows_touched(self) -> dict[int, int]:
         """Distinct table rows with a gradient on this rank in the current step, per Engram layer."""
         out = {}
-        for layer in self.c.tables.layers():
-            grad = self.c.tables.weight(layer).grad
+        for layer in self.components.tables.layers():
+            grad = self.components.tables.weight(layer).grad
             if grad is None:
                 out[layer] = 0
             elif grad.is_sparse:
@@ -280,7 +256,7 @@ class Trainer:
         """Mean validation LM loss over `eval_batches` micro-batches per rank, averaged over all ranks."""
         if self.valid_batches is None:
             return None
-        c = self.c
+        c = self.components
         c.engine.eval()
         total = torch.zeros(2, dtype=torch.float64)
         for batch in self.valid_batches:
@@ -292,105 +268,45 @@ class Trainer:
         dist.all_reduce(total)
         return float(total[0] / total[1])
 
-    # ------------------------------------------------------------------ metrics
+    # ------------------------------------------------------------------ helpers of the callbacks
 
-    def _is_log_step(self, step: int) -> bool:
+    def is_log_step(self, step: int) -> bool:
         n = self.cfg.train.log_interval
         return n > 0 and (step % n == 0 or step == self.cfg.train.steps)
 
-    def _log(self, val_loss: float | None) -> None:
-        window, self._window = self._window, []
-        if not window:
-            return
-        c, cfg = self.c, self.cfg
-        last = window[-1]
-        losses = [s.loss for s in window if not s.skipped]
-        seconds = sum(s.seconds for s in window)
-        tokens = len(window) * self._tokens_per_step()
-        tps = tokens / seconds if seconds > 0 else 0.0
-        moe = {}
-        maxvios = []
-        for i, (m, load) in enumerate(zip(c.model.moe_layers(), last.loads, strict=False)):
-            st = load_stats(load)
-            bias = m.router.expert_bias
-            maxvios.append(st["maxvio"])
-            moe[f"layer{self._moe_layer_ids()[i]}"] = {**st, "bias_min": float(bias.min()),
-                                                       "bias_max": float(bias.max())}
-        engram = {}
-        gates = []
-        for block in c.model.blocks:
-            if block.engram is not None and block.engram.last_gate_mean is not None:
-                g = block.engram.last_gate_mean.float().cpu()
-                gates.append(float(g.mean()))
-                engram[f"layer{block.layer_id}"] = {
-                    "gate_mean": {f"branch{j}": float(v) for j, v in enumerate(g)},
-                    "rows_touched": last.rows_touched.get(block.layer_id, 0)}
-        record: dict[str, Any] = {
-            "loss": sum(losses) / len(losses) if losses else float("nan"),
-            "val_loss": val_loss, "lr": last.lr, "engram_lr": last.table_lr, "grad_norm": last.grad_norm,
-            "tokens_per_s": tps, "step_seconds": seconds / len(window),
-            "mfu": mfu(self.activated_params, tps, self.peak_flops, c.dist.world_size),
-            "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
-            "maxvio": max(maxvios) if maxvios else None,
-            "engram_gate": sum(gates) / len(gates) if gates else None,
-            "moe": moe, "engram": engram, "memory": memory_stats(c.engine.device)}
-        if c.dist.rank == 0:
-            logger.info(console_line(self.step, cfg.train.steps, record))
-        if self.sink is not None:
-            self.sink.write(self.step, record)
+    def tokens_per_step(self) -> int:
+        t, world = self.cfg.train, self.components.dist.world_size
+        return t.micro_batch_size * t.grad_accum_steps * self.cfg.data.seq_len * world
 
-    def _moe_layer_ids(self) -> list[int]:
-        return [b.layer_id for b in self.c.model.blocks if b.is_moe]
-
-    def _tokens_per_step(self) -> int:
-        t = self.cfg.train
-        return t.micro_batch_size * t.grad_accum_steps * self.cfg.data.seq_len * self.c.dist.world_size
+    def emit(self, record: dict[str, Any]) -> None:
+        """Hand a record of the current step to every callback's `log`."""
+        for callback in self.callbacks:
+            callback.log(self, record)
 
     # ------------------------------------------------------------------ the run
 
     def fit(self, stop_at: int | None = None) -> TrainResult:
-        """Train until `cfg.train.steps` (or a stop signal); evaluate, log and save on the way.
-
-        `stop_at`: behave as if a stop signal arrived during that step (checkpoint, then return); the LR
-        schedule still spans `cfg.train.steps`."""
-        cfg = self.cfg
-        t = cfg.train
+        """Train until `cfg.train.steps` or until a callback stops the run (a stop signal: checkpoint, then
+        return). `stop_at`: behave as if a stop signal arrived during that step; the LR schedule still spans
+        `cfg.train.steps`."""
         start = time.perf_counter()
-        losses: list[float] = []
-        val_losses: dict[int, float] = {}
-        stopped = False
-        if self.c.dist.rank == 0:
-            logger.info("training %s from step %d to %d: %d tokens/step, %d activated params (MFU peak: %s)",
-                        cfg.name, self.step, t.steps, self._tokens_per_step(), self.activated_params,
-                        self.peak_label)
-        self.stop_request.install()
+        self.stop_at, self.stopped, self.losses, self.val_losses = stop_at, False, [], {}
+        for callback in self.callbacks:
+            callback.pre_train(self)
         try:
-            while self.step < t.steps:
+            while self.step < self.cfg.train.steps and not self.stopped:
+                for callback in self.callbacks:
+                    callback.pre_step(self)
                 stats = self.train_step()
-                losses.append(stats.loss)
-                val = None
-                if t.eval_interval > 0 and (self.step % t.eval_interval == 0 or self.step == t.steps):
-                    val = self.evaluate()
-                    if val is not None:
-                        val_losses[self.step] = val
-                if self._is_log_step(self.step) or val is not None:
-                    self._log(val)
-                if stats.stop or self.step == stop_at:
-                    if self.c.dist.rank == 0:
-                        logger.warning("stop requested: saving at step %d and exiting", self.step)
-                    if self.last_saved_step != self.step:
-                        self.save()
-                    stopped = True
-                    break
-                interval = cfg.checkpoint.interval
-                if (interval > 0 and self.step % interval == 0) or self.step == t.steps:
-                    if self.last_saved_step != self.step:
-                        self.save()
+                self.losses.append(stats.loss)
+                for callback in self.callbacks:
+                    callback.post_step(self, stats)
         finally:
-            self.stop_request.restore()
-        return TrainResult(step=self.step, losses=losses, val_losses=val_losses, stopped_early=stopped,
-                           skipped_steps=self.skipped_steps, last_checkpoint=self.last_checkpoint,
-                           seconds=time.perf_counter() - start)
+            for callback in reversed(self.callbacks):
+                callback.post_train(self)
+        return TrainResult(step=self.step, losses=self.losses, val_losses=self.val_losses,
+                           stopped_early=self.stopped, skipped_steps=self.skipped_steps,
+                           last_checkpoint=self.last_checkpoint, seconds=time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------------------- entry point
