@@ -43,7 +43,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.engram_overhead import (
+from benchmarks.harness import (
     CONFIG,
     interleaved_times,
     load_average,

@@ -33,10 +33,10 @@ import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl
 
-from .validation import text_problem
+from .validation import SkipReason, text_problem
 
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", ".xz": "xz"}
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
@@ -48,8 +48,18 @@ DEFAULT_CODE_BYTES = 5_000_000
 _STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 _STDLIB_MAX_FILE_BYTES = 256_000
 
-Record = tuple[str | None, bytes | None, str | None, str | None]
-"""(text, utf-8 bytes, skip reason, location): good records have a text and no reason."""
+class Record(NamedTuple):
+    """One input record: a good one has `text` and its UTF-8 `data`; a skipped one a `reason` and the
+    `location` (file:line, row, ...) for the report."""
+
+    text: str | None
+    data: bytes | None
+    reason: SkipReason | None
+    location: str | None
+
+    @classmethod
+    def skip(cls, reason: SkipReason, location: str) -> Record:
+        return cls(None, None, reason, location)
 
 
 @dataclass(frozen=True)
@@ -333,7 +343,7 @@ class PieceReader:
             yield from gen
         except _read_errors() as err:
             where = self.piece.path or ", ".join(self.piece.files)
-            yield None, None, "unreadable", f"{where}: {type(err).__name__}: {err}"
+            yield Record.skip(SkipReason.UNREADABLE, f"{where}: {type(err).__name__}: {err}")
 
     # -- helpers
 
@@ -344,28 +354,28 @@ class PieceReader:
             try:
                 data = text.encode("utf-8")
             except UnicodeEncodeError:
-                reason = "non_utf8"
+                reason = SkipReason.NON_UTF8
         if reason is None and len(data) > self.opts.max_document_bytes:
-            reason = "too_large"
+            reason = SkipReason.TOO_LARGE
         if reason is None:
             reason = text_problem(text)
         if reason is None:
-            return text, data, None, None
-        return None, None, reason, location if isinstance(location, str) else location()
+            return Record(text, data, None, None)
+        return Record.skip(reason, location if isinstance(location, str) else location())
 
     def _record(self, obj: Any, location: str | Callable[[], str]) -> Record:
         reason = None
         if not isinstance(obj, dict):
-            reason = "missing_field"
+            reason = SkipReason.MISSING_FIELD
         else:
             value = get_field(obj, self.opts.text_field)
             if value is None:
-                reason = "missing_field"
+                reason = SkipReason.MISSING_FIELD
             elif not isinstance(value, str):
-                reason = "not_string"
+                reason = SkipReason.NOT_STRING
             else:
                 return self._emit(value, location)
-        return None, None, reason, location if isinstance(location, str) else location()
+        return Record.skip(reason, location if isinstance(location, str) else location())
 
     def _line_location(self, relative_line: int) -> str:
         """``path:line`` (1-based); counts the newlines before the piece start on first use."""
@@ -422,7 +432,7 @@ class PieceReader:
             end = p.end if p.compression is None else -1
             for i, line in enumerate(self._bounded_lines(stream, raw, pos, end)):
                 if line is None:
-                    yield None, None, "too_large", self._line_location(i)
+                    yield Record.skip(SkipReason.TOO_LARGE, self._line_location(i))
                     continue
                 if not line.strip():
                     continue  # blank lines separate records; they are not records
@@ -435,7 +445,7 @@ class PieceReader:
                 try:
                     text = line.rstrip(b"\r\n").decode("utf-8")
                 except UnicodeDecodeError:
-                    yield None, None, "non_utf8", loc()
+                    yield Record.skip(SkipReason.NON_UTF8, loc())
                     continue
                 yield self._emit(text, loc)
 
@@ -443,9 +453,9 @@ class PieceReader:
         try:
             obj = json.loads(line.decode("utf-8"))
         except UnicodeDecodeError:
-            return None, None, "non_utf8", loc()
+            return Record.skip(SkipReason.NON_UTF8, loc())
         except json.JSONDecodeError:
-            return None, None, "invalid_json", loc()
+            return Record.skip(SkipReason.INVALID_JSON, loc())
         return self._record(obj, loc)
 
     def _read_whole(self, path: str, compression: str | None) -> bytes | None:
@@ -461,13 +471,13 @@ class PieceReader:
             data = self._read_whole(path, split_suffixes(path)[1])
             self.position += os.path.getsize(path) if os.path.isfile(path) else 0
             if data is None:
-                yield None, None, "too_large", path
+                yield Record.skip(SkipReason.TOO_LARGE, path)
                 continue
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError as err:
                 line = data[: err.start].count(b"\n") + 1
-                yield None, None, "non_utf8", f"{path}:{line}"
+                yield Record.skip(SkipReason.NON_UTF8, f"{path}:{line}")
                 continue
             yield self._emit(text, path, data)
 
@@ -480,10 +490,10 @@ class PieceReader:
         try:
             records = json.loads(data.decode("utf-8"))
         except UnicodeDecodeError:
-            yield None, None, "non_utf8", p.path
+            yield Record.skip(SkipReason.NON_UTF8, p.path)
             return
         except json.JSONDecodeError as err:
-            yield None, None, "invalid_json", f"{p.path}:{err.lineno}"
+            yield Record.skip(SkipReason.INVALID_JSON, f"{p.path}:{err.lineno}")
             return
         del data
         for i, obj in enumerate(records):
@@ -501,7 +511,7 @@ class PieceReader:
         column = field_name if field_name in pf.schema_arrow.names else field_name.split(".")[0]
         if column not in pf.schema_arrow.names:
             for i in range(num_rows):
-                yield None, None, "missing_field", f"{p.path}[row {first_row + i}]"
+                yield Record.skip(SkipReason.MISSING_FIELD, f"{p.path}[row {first_row + i}]")
             self.position = p.nbytes
             return
         row = first_row
@@ -515,12 +525,12 @@ class PieceReader:
                     try:
                         value = value.decode("utf-8")
                     except UnicodeDecodeError:
-                        yield None, None, "non_utf8", loc
+                        yield Record.skip(SkipReason.NON_UTF8, loc)
                         continue
                 if value is None:
-                    yield None, None, "missing_field", loc
+                    yield Record.skip(SkipReason.MISSING_FIELD, loc)
                 elif not isinstance(value, str):
-                    yield None, None, "not_string", loc
+                    yield Record.skip(SkipReason.NOT_STRING, loc)
                 else:
                     yield self._emit(value, loc)
             self.position = int(p.nbytes * (row - first_row) / max(num_rows, 1))
@@ -551,7 +561,7 @@ class PieceReader:
                     k = (v["book"], v["chapter"])
                     text = v["text"]
                 except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-                    yield None, None, "invalid_json", self._line_location(i)
+                    yield Record.skip(SkipReason.INVALID_JSON, self._line_location(i))
                     continue
                 if k != key and verses:
                     yield self._chapter(key, verses, first_line)

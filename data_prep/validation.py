@@ -17,10 +17,23 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from enum import StrEnum
 
-REASONS = (
-    "invalid_json", "missing_field", "not_string", "non_utf8", "empty", "binary", "too_large", "unreadable",
-)
+
+class SkipReason(StrEnum):
+    """Why a record was skipped (the module docstring says when each applies); equal to its name string."""
+
+    INVALID_JSON = "invalid_json"
+    MISSING_FIELD = "missing_field"
+    NOT_STRING = "not_string"
+    NON_UTF8 = "non_utf8"
+    EMPTY = "empty"
+    BINARY = "binary"
+    TOO_LARGE = "too_large"
+    UNREADABLE = "unreadable"
+
+
+REASONS = tuple(SkipReason)
 MAX_EXAMPLES = 3
 """Locations kept per source and reason for the report."""
 
@@ -32,15 +45,15 @@ class DataError(ValueError):
     """A bad input record in `--strict` mode; the message names the file and line (or record)."""
 
 
-def text_problem(text: str) -> str | None:
+def text_problem(text: str) -> SkipReason | None:
     """The reason to skip an already-decoded document, or None when it is fine."""
     if not text or text.isspace():
-        return "empty"
+        return SkipReason.EMPTY
     if "\x00" in text:
-        return "binary"
+        return SkipReason.BINARY
     controls = len(_CONTROL.findall(text))
     if controls and controls > _BINARY_CONTROL_FRACTION * len(text):
-        return "binary"
+        return SkipReason.BINARY
     return None
 
 

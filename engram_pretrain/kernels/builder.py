@@ -36,6 +36,8 @@ KERNEL_DIR = Path(__file__).resolve().parent
 CPP_SOURCES = (KERNEL_DIR / "cpp" / "engram_cpu_ops.cpp",)
 CUDA_KERNEL_SOURCE = KERNEL_DIR / "cuda" / "engram_ops.cu"
 CUDA_HEADER = KERNEL_DIR / "cuda" / "engram_ops.h"
+CHECKS_HEADER = KERNEL_DIR / "include" / "engram_checks.h"
+"""Argument checks shared by the CPU ops and the CUDA binding."""
 CUDA_SOURCES = (KERNEL_DIR / "cuda" / "engram_ops_binding.cpp", CUDA_KERNEL_SOURCE)
 MAX_ERROR_CHARS = 6000
 """Compiler output kept in an OpBuildError (the tail, where the first errors usually are not, is
@@ -155,7 +157,8 @@ class OpBuilder:
                     extra_cflags=list(self.extra_cflags),
                     extra_cuda_cflags=list(self.extra_cuda_cflags) or None,
                     extra_ldflags=list(self.extra_ldflags),
-                    extra_include_paths=[str(KERNEL_DIR / "cuda")] if self.with_cuda else None,
+                    extra_include_paths=[str(KERNEL_DIR / "include"),
+                                         *([str(KERNEL_DIR / "cuda")] if self.with_cuda else [])],
                     build_directory=str(build_dir),
                     with_cuda=self.with_cuda,
                     verbose=verbose,
@@ -179,6 +182,7 @@ class OpBuilder:
 CPU_BUILDER = OpBuilder(
     name="engram_cpu_ops",
     sources=CPP_SOURCES,
+    depends=(CHECKS_HEADER,),
     extra_cflags=("-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"),
     extra_ldflags=("-fopenmp",),
 )
@@ -187,7 +191,7 @@ CPU_BUILDER = OpBuilder(
 CUDA_BUILDER = OpBuilder(
     name="engram_cuda_ops",
     sources=CUDA_SOURCES,
-    depends=(CUDA_HEADER,),
+    depends=(CUDA_HEADER, CHECKS_HEADER),
     extra_cflags=("-O3",),
     extra_cuda_cflags=("-O3", "--fmad=false"),
     with_cuda=True,

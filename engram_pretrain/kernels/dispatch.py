@@ -94,38 +94,33 @@ class ExtensionOps(TorchOps):
             if not t.is_contiguous():
                 raise ValueError(f"{name} must be contiguous (in-place/large tensors are never copied)")
 
+    def _gather_out(self, table: torch.Tensor, ids: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """Check a gather's table and ids; the output [*ids.shape, d] (`out`, checked, or a new tensor)."""
+        ref.check_table(table)
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"row ids must be int64 or int32, got {ids.dtype}")
+        self._check_device(table, ids)
+        self._check_contiguous(table=table)
+        shape = (*ids.shape, table.shape[1])
+        if out is None:
+            return torch.empty(shape, dtype=table.dtype, device=table.device)
+        ref.check_out(out, shape, table)
+        if out.device.type != self.device_type:
+            raise ValueError(f"out must be a {self.device_type} tensor, got {out.device}")
+        return out
+
     def gather_rows(self, table: torch.Tensor, flat_ids: torch.Tensor,
                     out: torch.Tensor | None = None) -> torch.Tensor:
-        ref.check_table(table)
-        if flat_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"row ids must be int64 or int32, got {flat_ids.dtype}")
-        self._check_device(table, flat_ids)
-        self._check_contiguous(table=table)
-        shape = (*flat_ids.shape, table.shape[1])
-        if out is None:
-            out = torch.empty(shape, dtype=table.dtype, device=table.device)
-        else:
-            ref.check_out(out, shape, table)
-            if out.device.type != self.device_type:
-                raise ValueError(f"out must be a {self.device_type} tensor, got {out.device}")
+        out = self._gather_out(table, flat_ids, out)
         self.module.gather_rows_into(table, flat_ids.contiguous(), out)
         return out
 
     def multihead_gather(self, table: torch.Tensor, row_ids: torch.Tensor, head_offsets: torch.Tensor,
                          out: torch.Tensor | None = None) -> torch.Tensor:
-        ref.check_table(table)
         if head_offsets.dim() != 1 or row_ids.dim() < 1 or row_ids.shape[-1] != head_offsets.shape[0]:
             raise ValueError(f"row_ids {tuple(row_ids.shape)} must end in H = head_offsets "
                              f"{tuple(head_offsets.shape)}[0]")
-        if row_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"row ids must be int64 or int32, got {row_ids.dtype}")
-        self._check_device(table, row_ids)
-        self._check_contiguous(table=table)
-        shape = (*row_ids.shape, table.shape[1])
-        if out is None:
-            out = torch.empty(shape, dtype=table.dtype, device=table.device)
-        else:
-            ref.check_out(out, shape, table)
+        out = self._gather_out(table, row_ids, out)
         if row_ids.numel() == 0:
             return out
         offsets = head_offsets.to(device=table.device, dtype=torch.int64).contiguous()

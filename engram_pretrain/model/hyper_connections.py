@@ -152,32 +152,23 @@ def _validate(hidden_size: int, cfg: HyperConnectionConfig) -> None:
         raise ValueError(f"hyper_connections.eps must be >= 0, got {cfg.eps}")
 
 
-class HyperConnection(nn.Module):
-    """One mHC layer around one sublayer (attention, FFN/MoE, or an Engram sublayer).
+class _StreamMixing(nn.Module):
+    """The parameters every stream-mixing module has, for M = `num_streams` > 1 (none when M == 1), fp32:
+    `phi` [n_out, M*D] ~ N(0, phi_init_std^2), `bias` [n_out] = 0, `alpha` [n_alpha] = alpha_init."""
 
-    Parameters (fp32; keep them fp32 when the rest of the model is cast to bf16):
-    `phi` [M*M + 2M, M*D], `bias` [M*M + 2M], `alpha` [3]. None when `num_streams == 1`.
-    Set `track_stats = True` to record detached coefficient statistics in `last_stats` on each forward.
-    """
-
-    def __init__(self, hidden_size: int, cfg: HyperConnectionConfig, layer_index: int = 0) -> None:
+    def __init__(self, hidden_size: int, cfg: HyperConnectionConfig, n_out: int, n_alpha: int) -> None:
         super().__init__()
         _validate(hidden_size, cfg)
         self.hidden_size = hidden_size
         self.num_streams = cfg.num_streams
-        self.sinkhorn_iters = cfg.sinkhorn_iters
         self.eps = cfg.eps
         self.alpha_init = cfg.alpha_init
         self.phi_init_std = cfg.phi_init_std
-        self.layer_index = layer_index
-        self.track_stats = False
-        self.last_stats: dict[str, Tensor] = {}
         m = cfg.num_streams
         if m > 1:
-            n_out = m * m + 2 * m
             self.phi = nn.Parameter(torch.empty(n_out, m * hidden_size, dtype=torch.float32))
             self.bias = nn.Parameter(torch.empty(n_out, dtype=torch.float32))
-            self.alpha = nn.Parameter(torch.empty(3, dtype=torch.float32))
+            self.alpha = nn.Parameter(torch.empty(n_alpha, dtype=torch.float32))
             self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -188,6 +179,23 @@ class HyperConnection(nn.Module):
             nn.init.normal_(self.phi, mean=0.0, std=self.phi_init_std)
             self.bias.zero_()
             self.alpha.fill_(self.alpha_init)
+
+
+class HyperConnection(_StreamMixing):
+    """One mHC layer around one sublayer (attention, FFN/MoE, or an Engram sublayer).
+
+    Parameters (fp32; keep them fp32 when the rest of the model is cast to bf16):
+    `phi` [M*M + 2M, M*D], `bias` [M*M + 2M], `alpha` [3]. None when `num_streams == 1`.
+    Set `track_stats = True` to record detached coefficient statistics in `last_stats` on each forward.
+    """
+
+    def __init__(self, hidden_size: int, cfg: HyperConnectionConfig, layer_index: int = 0) -> None:
+        m = cfg.num_streams
+        super().__init__(hidden_size, cfg, n_out=m * m + 2 * m, n_alpha=3)
+        self.sinkhorn_iters = cfg.sinkhorn_iters
+        self.layer_index = layer_index
+        self.track_stats = False
+        self.last_stats: dict[str, Tensor] = {}
 
     def coefficients(self, streams: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """streams: [B, T, M, D] -> h_pre [B, T, M], h_post [B, T, M], h_res [B, T, M, M] (fp32).
@@ -258,7 +266,7 @@ def _coefficient_stats(h_pre: Tensor, h_post: Tensor, h_res: Tensor) -> dict[str
     }
 
 
-class HeadCollapse(nn.Module):
+class HeadCollapse(_StreamMixing):
     """Learned pre-only collapse of the streams before the final norm (docs/model.md rule M8).
 
     The mHC paper does not say how the streams are merged before the head; this is the learned collapse of
@@ -270,28 +278,7 @@ class HeadCollapse(nn.Module):
     """
 
     def __init__(self, hidden_size: int, cfg: HyperConnectionConfig) -> None:
-        super().__init__()
-        _validate(hidden_size, cfg)
-        self.hidden_size = hidden_size
-        self.num_streams = cfg.num_streams
-        self.eps = cfg.eps
-        self.alpha_init = cfg.alpha_init
-        self.phi_init_std = cfg.phi_init_std
-        m = cfg.num_streams
-        if m > 1:
-            self.phi = nn.Parameter(torch.empty(m, m * hidden_size, dtype=torch.float32))
-            self.bias = nn.Parameter(torch.empty(m, dtype=torch.float32))
-            self.alpha = nn.Parameter(torch.empty(1, dtype=torch.float32))
-            self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """phi ~ N(0, phi_init_std^2), bias = 0, alpha = alpha_init."""
-        if self.num_streams == 1:
-            return
-        with torch.no_grad():
-            nn.init.normal_(self.phi, mean=0.0, std=self.phi_init_std)
-            self.bias.zero_()
-            self.alpha.fill_(self.alpha_init)
+        super().__init__(hidden_size, cfg, n_out=cfg.num_streams, n_alpha=1)
 
     def weights(self, streams: Tensor) -> Tensor:
         """streams: [B, T, M, D] -> collapse weights w: [B, T, M] (fp32)."""

@@ -19,15 +19,15 @@
 #include <utility>
 #include <vector>
 
+#include "engram_checks.h"
+
 namespace {
+
+using engram::check_index_dtype;
 
 void check_cpu_contig(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
-
-void check_index_dtype(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, name, " must be int64 or int32");
 }
 
 // Rows are read in random order (hashed ids), which hardware prefetchers cannot predict: request the
@@ -104,10 +104,7 @@ void check_gather_args(const at::Tensor& table, const at::Tensor& ids, const at:
   check_cpu_contig(table, "table");
   check_cpu_contig(ids, "ids");
   check_cpu_contig(out, "out");
-  check_index_dtype(ids, "ids");
-  TORCH_CHECK(table.dim() == 2, "table must be [R, d]");
-  TORCH_CHECK(out.scalar_type() == table.scalar_type(), "out dtype must equal table dtype");
-  TORCH_CHECK(out.numel() == ids.numel() * table.size(1), "out must hold ids.numel() * d elements");
+  engram::check_gather_shapes(table, ids, out);
 }
 
 }  // namespace
@@ -387,17 +384,7 @@ void check_adam_state(const at::Tensor& param, const at::Tensor& exp_avg, const 
   check_cpu_contig(exp_avg_sq, "exp_avg_sq");
   check_cpu_contig(step, "step_per_row");
   check_cpu_contig(grads, "grads");
-  TORCH_CHECK(param.dim() == 2, "param must be [R, d]");
-  const auto st = exp_avg.scalar_type(), pt = param.scalar_type();
-  TORCH_CHECK_VALUE((st == at::kDouble && pt == at::kDouble) ||
-                        (st == at::kFloat && (pt == at::kFloat || pt == at::kBFloat16 || pt == at::kHalf)),
-                    "param/state dtypes must be float64/float64, or float32/bfloat16/float16 with float32 state");
-  TORCH_CHECK(exp_avg.sizes() == param.sizes() && exp_avg_sq.sizes() == param.sizes(), "state shape != param");
-  TORCH_CHECK(exp_avg_sq.scalar_type() == st && grads.scalar_type() == st, "exp_avg_sq and grads need the state dtype");
-  TORCH_CHECK((step.scalar_type() == at::kLong || step.scalar_type() == at::kInt) && step.numel() == param.size(0),
-              "step_per_row must be int32/int64 [R]");
-  TORCH_CHECK(grads.dim() == 2 && grads.size(1) == param.size(1), "grads must be [*, d]");
-  TORCH_CHECK_VALUE(h.global_step >= 0, "global_step must be >= 0 (0: per-row bias correction)");
+  engram::check_adam_shapes(param, exp_avg, exp_avg_sq, step, grads, h.global_step);
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 #include <limits>
 #include <vector>
 
+#include "engram_checks.h"
 #include "engram_ops.h"
 
 #define ENGRAM_CUDA_OK(expr)                                                     \
@@ -27,10 +28,6 @@ void check_cuda_contig(const at::Tensor& t, const at::Tensor& like, const char* 
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
   TORCH_CHECK(t.device() == like.device(), name, " must be on ", like.device());
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
-
-void check_index_dtype(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, name, " must be int64 or int32");
 }
 
 bool flag_set(const at::Tensor& flag) { return flag.item<int>() != 0; }
@@ -50,10 +47,7 @@ void check_gather(const at::Tensor& table, const at::Tensor& ids, const at::Tens
   check_cuda_contig(table, table, "table");
   check_cuda_contig(ids, table, "ids");
   check_cuda_contig(out, table, "out");
-  check_index_dtype(ids, "ids");
-  TORCH_CHECK(table.dim() == 2, "table must be [R, d]");
-  TORCH_CHECK(out.scalar_type() == table.scalar_type(), "out dtype must equal table dtype");
-  TORCH_CHECK(out.numel() == ids.numel() * table.size(1), "out must hold ids.numel() * d elements");
+  engram::check_gather_shapes(table, ids, out);
 }
 
 struct Segments {
@@ -106,17 +100,7 @@ void check_adam(const at::Tensor& param, const at::Tensor& exp_avg, const at::Te
   check_cuda_contig(exp_avg_sq, param, "exp_avg_sq");
   check_cuda_contig(step, param, "step_per_row");
   check_cuda_contig(grads, param, "grads");
-  TORCH_CHECK(param.dim() == 2, "param must be [R, d]");
-  const auto st = exp_avg.scalar_type(), pt = param.scalar_type();
-  TORCH_CHECK_VALUE((st == at::kDouble && pt == at::kDouble) ||
-                        (st == at::kFloat && (pt == at::kFloat || pt == at::kBFloat16 || pt == at::kHalf)),
-                    "param/state dtypes must be float64/float64, or float32/bfloat16/float16 with float32 state");
-  TORCH_CHECK(exp_avg.sizes() == param.sizes() && exp_avg_sq.sizes() == param.sizes(), "state shape != param");
-  TORCH_CHECK(exp_avg_sq.scalar_type() == st && grads.scalar_type() == st, "exp_avg_sq and grads need the state dtype");
-  TORCH_CHECK((step.scalar_type() == at::kLong || step.scalar_type() == at::kInt) && step.numel() == param.size(0),
-              "step_per_row must be int32/int64 [R]");
-  TORCH_CHECK(grads.dim() == 2 && grads.size(1) == param.size(1), "grads must be [*, d]");
-  TORCH_CHECK_VALUE(global_step >= 0, "global_step must be >= 0 (0: per-row bias correction)");
+  engram::check_adam_shapes(param, exp_avg, exp_avg_sq, step, grads, global_step);
 }
 
 void adam_launch(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, at::Tensor& step,
