@@ -54,7 +54,7 @@ def build_export(out: Path, table_rows: int) -> int:
     import torch
 
     from engram_pretrain.export.exporter import export_model
-    from engram_pretrain.memory.addressing import build_addressing
+    from engram_pretrain.memory.addressing_builder import build_addressing
     from engram_pretrain.model.config import ModelConfig
     from engram_pretrain.model.transformer import EngramMoEModel
 

@@ -28,7 +28,7 @@ import torch
 
 from engram_pretrain.config import load_config
 from engram_pretrain.data.loader import build_loaders
-from engram_pretrain.memory.addressing import build_addressing
+from engram_pretrain.memory.addressing_builder import build_addressing
 from engram_pretrain.model.addressing import EngramAddresser
 from engram_pretrain.parallel.table_shard import request_counts, shard_bounds
 

@@ -26,7 +26,7 @@ from engram_pretrain.analysis.hidden import (
 from engram_pretrain.analysis.logit_lens import LogitLens
 from engram_pretrain.analysis.plots import plot_cka, plot_layer_curves
 from engram_pretrain.data.dataset_dir import DatasetDir
-from engram_pretrain.memory.addressing import build_addressing
+from engram_pretrain.memory.addressing_builder import build_addressing
 from engram_pretrain.model.config import ModelConfig
 from engram_pretrain.model.transformer import EngramMoEModel
 from engram_pretrain.testing.datasets import make_dataset_dir

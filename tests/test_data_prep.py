@@ -32,7 +32,7 @@ from engram_pretrain.config import load_config
 from engram_pretrain.data.dataset_dir import DatasetDir, verify_sidecar
 from engram_pretrain.data.indexed import IndexedDataset
 from engram_pretrain.memory.compression import CompressionMap, identity_compression_map, tokenizer_fingerprint
-from engram_pretrain.memory.hashing import NgramHasher
+from engram_pretrain.memory.reference_hash import NgramHasher
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma "
@@ -508,7 +508,7 @@ def test_sidecar_rows_match_reference_and_device_hashing(tmp_path, tok_root, res
     sample = torch.as_tensor(raw[s:s + T].astype(np.int64))[None]
     seg = None
     if reset:
-        from engram_pretrain.memory.hashing import segment_ids_from_eod
+        from engram_pretrain.memory.reference_hash import segment_ids_from_eod
 
         seg = segment_ids_from_eod(sample, ds.eod_token_id)
     device = hasher.hash(cmap.compress(sample), 1, seg)[0].numpy()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engram_pretrain.memory.addressing import build_addressing
+from engram_pretrain.memory.addressing_builder import build_addressing
 from engram_pretrain.model.config import ModelConfig
 from engram_pretrain.model.transformer import EngramMoEModel
 

@@ -20,7 +20,7 @@ from engram_pretrain.config import load_config
 from engram_pretrain.data.dataset_dir import DatasetDir
 from engram_pretrain.export.evaluate import run_eval
 from engram_pretrain.export.exporter import export_model
-from engram_pretrain.memory.addressing import build_addressing
+from engram_pretrain.memory.addressing_builder import build_addressing
 from engram_pretrain.model.transformer import EngramMoEModel
 
 REPO = Path(__file__).resolve().parents[1]

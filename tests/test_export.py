@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from engram_pretrain.export.exporter import export_model, export_tensors, model_tensors, parse_size
 from engram_pretrain.export.importer import import_hf, load_model
-from engram_pretrain.memory.addressing import build_addressing
+from engram_pretrain.memory.addressing_builder import build_addressing
 from engram_pretrain.memory.compression import CompressionMap, build_compression_map
 from engram_pretrain.model.config import ModelConfig
 from engram_pretrain.model.transformer import EngramMoEModel

@@ -194,7 +194,7 @@ def test_init_from_a_tied_export_reads_the_shared_head(source: dict[str, Path], 
     from engram_pretrain.config import load_config
     from engram_pretrain.data.dataset_dir import DatasetDir
     from engram_pretrain.export.exporter import export_model
-    from engram_pretrain.memory.addressing import build_addressing
+    from engram_pretrain.memory.addressing_builder import build_addressing
     from engram_pretrain.model.transformer import EngramMoEModel
     from engram_pretrain.train.engine import build_model
     from engram_pretrain.train.init_from import load_initial_weights

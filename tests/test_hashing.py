@@ -7,7 +7,7 @@ import pytest
 import sympy
 import torch
 
-from engram_pretrain.memory.hashing import NgramHasher, segment_ids_from_eod
+from engram_pretrain.memory.reference_hash import NgramHasher, segment_ids_from_eod
 from engram_pretrain.model import engram_hash
 
 INT64_MAX = 2**63 - 1

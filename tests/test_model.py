@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engram_pretrain.memory.addressing import build_addressing, build_hasher
+from engram_pretrain.memory.addressing_builder import build_addressing, build_hasher
 from engram_pretrain.memory.compression import CompressionMap
 from engram_pretrain.model.config import ModelConfig
 from engram_pretrain.model.hyper_connections import HeadCollapse, HyperConnection

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engram_pretrain.config import OptimizerConfig
-from engram_pretrain.memory.addressing import build_addressing
+from engram_pretrain.memory.addressing_builder import build_addressing
 from engram_pretrain.memory.sparse_optim import RowSparseAdam
 from engram_pretrain.model.config import ModelConfig
 from engram_pretrain.model.engram import local_table_factory

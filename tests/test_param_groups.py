@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engram_pretrain.config import OptimizerConfig
-from engram_pretrain.memory.addressing import build_addressing
+from engram_pretrain.memory.addressing_builder import build_addressing
 from engram_pretrain.model.config import ModelConfig
 from engram_pretrain.model.transformer import EngramMoEModel
 from engram_pretrain.train.param_groups import engram_table_params, group_sizes, param_groups_for

@@ -234,7 +234,7 @@ def test_fewer_rows_than_ranks(sharded_runs: tuple[int, list[dict[str, Any]]]) -
 
 
 def test_out_of_range_ids_raise() -> None:
-    from engram_pretrain.memory.tables import HostTable
+    from engram_pretrain.memory.host_tables import HostTable
 
     host = HostTable(NUM_ROWS, DIM, "cpu", lambda s, e: _full_table()[s:e])
     with pytest.raises(IndexError, match="out of range"):
@@ -275,8 +275,8 @@ def host_ops(request: pytest.FixtureRequest) -> Any:
 
 
 def test_host_table_equals_device_table(host_ops: Any) -> None:
+    from engram_pretrain.memory.host_tables import HostTable
     from engram_pretrain.memory.sparse_optim import RowSparseAdam
-    from engram_pretrain.memory.tables import HostTable
     from engram_pretrain.model.engram import LocalEngramTable
 
     full = _full_table()
@@ -313,8 +313,8 @@ def test_host_table_equals_device_table(host_ops: Any) -> None:
 
 def test_host_prefetch_is_never_stale_and_falls_back_on_other_ids() -> None:
     from engram_pretrain.kernels import get_ops
+    from engram_pretrain.memory.host_tables import HostTable
     from engram_pretrain.memory.sparse_optim import RowSparseAdam
-    from engram_pretrain.memory.tables import HostTable
 
     ops = get_ops("torch")
     full = _full_table()
@@ -336,7 +336,7 @@ def test_host_prefetch_is_never_stale_and_falls_back_on_other_ids() -> None:
 
 
 def test_table_init_is_independent_of_the_row_range() -> None:
-    from engram_pretrain.memory.tables import INIT_BLOCK_ROWS, init_table_rows
+    from engram_pretrain.memory.host_tables import INIT_BLOCK_ROWS, init_table_rows
 
     num_rows = INIT_BLOCK_ROWS + 100
     whole = init_table_rows(7, 3, num_rows, 2, 0.5)

@@ -31,7 +31,7 @@ def load_checkpoint_model(step_dir: str | Path, dataset: DatasetDir | None = Non
     buffers are then loaded over it (and checked against the dataset by `check_compatible`).
     """
     from ..config import from_dict, read_yaml_tree
-    from ..memory.addressing import build_addressing
+    from ..memory.addressing_builder import build_addressing
     from ..model.config import ModelConfig
 
     step_dir = Path(step_dir)
@@ -155,7 +155,7 @@ def collect_hidden(model: EngramMoEModel, input_ids: torch.Tensor, positions: to
     if model.config.engram.reset_at_doc_boundary and model.config.engram.layers:
         if eod_token_id is None:
             raise ValueError("the model resets n-grams at document boundaries: pass eod_token_id")
-        from ..memory.hashing import segment_ids_from_eod
+        from ..memory.reference_hash import segment_ids_from_eod
 
         segments = segment_ids_from_eod(ids, eod_token_id)
     hidden = model(ids, segment_ids=segments, output_hidden_states=True).hidden_states

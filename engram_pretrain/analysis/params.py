@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..memory.addressing import build_addressing
+from ..memory.addressing_builder import build_addressing
 from ..model.config import ModelConfig
 from ..model.engram import EngramModule
 from ..model.moe import GroupedExperts

@@ -29,7 +29,7 @@ from .indexed import IndexedDataset
 
 if TYPE_CHECKING:
     from ..memory.compression import CompressionMap
-    from ..memory.hashing import NgramHasher
+    from ..memory.reference_hash import NgramHasher
     from ..model.config import ModelConfig
 
 DATASET_FORMAT = "engram-pretrain-dataset/1"
@@ -149,7 +149,7 @@ class DatasetDir:
 
 def sidecar_addressing(model_cfg: ModelConfig, cmap: CompressionMap) -> tuple[NgramHasher, np.ndarray | None]:
     """(hasher, raw -> compressed lookup over model vocab or None for identity), as the model addresses."""
-    from ..memory.addressing import build_addressing, build_hasher
+    from ..memory.addressing_builder import build_addressing, build_hasher
 
     if not model_cfg.engram.layers:
         raise ValueError("model.engram.layers is empty: the model has no Engram layer to precompute rows for")
@@ -199,7 +199,7 @@ def stream_rows(tokens: np.ndarray, context: np.ndarray, hasher: NgramHasher, la
     ids = raw if lookup is None else lookup[raw]
     seg = None
     if eod_id is not None:
-        from ..memory.hashing import segment_ids_from_eod
+        from ..memory.reference_hash import segment_ids_from_eod
 
         seg = segment_ids_from_eod(raw[None, :], eod_id)
     rows = hasher.hash(ids[None, :], layer, seg)[0]  # [C + T, cols]

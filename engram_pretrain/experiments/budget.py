@@ -6,7 +6,7 @@ table-size calibration, MoE baselines.
     moe = iso_moe_baseline(engram_model)              # no Engram, routed experts added to the same total
 
 Every count comes from `analysis.params.count_parameters` (the model built on the meta device); table rows
-come from the same prime search the model uses (`memory.hashing.table_primes`). Building a model on the
+come from the same prime search the model uses (`memory.reference_hash.table_primes`). Building a model on the
 meta device takes seconds, so `counts` builds each *shape* once: a config with its Engram layer indices and
 table sizes left out (neither changes any other parameter); the table parameters are then rows x d_head.
 """
@@ -20,7 +20,7 @@ import json
 from dataclasses import asdict, dataclass
 
 from ..analysis.params import ParamCounts, count_parameters
-from ..memory.hashing import table_primes
+from ..memory.reference_hash import table_primes
 from ..model.config import ModelConfig
 
 

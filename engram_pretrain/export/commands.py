@@ -26,7 +26,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data: str | P
     """
     from ..config import from_dict, read_yaml_tree
     from ..data.dataset_dir import DatasetDir
-    from ..memory.addressing import build_addressing
+    from ..memory.addressing_builder import build_addressing
     from ..model.config import ModelConfig
     from ..train.checkpoint import checkpoint_state_dict, resolve_checkpoint
     from .exporter import export_tensors

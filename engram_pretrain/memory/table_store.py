@@ -1,17 +1,17 @@
 """The trainer's Engram tables: `TableStore` (this rank's rows of every table, outside DeepSpeed) and
-`StoreTable` (the device-resident `EngramTable` view the model gets).
+`DeviceTable` (the device-resident `EngramTable` view the model gets).
 
 The tables are deliberately *not* parameters of the module DeepSpeed wraps. DeepSpeed's ZeRO
 stages register gradient hooks on, flatten, partition and reduce every parameter of the module it is
 given; a row-sparse table must not go through any of that. So the tables live in a separate
-`TableStore` module, and the model receives views of them through its table factory. `StoreTable` is a
+`TableStore` module, and the model receives views of them through its table factory. `DeviceTable` is a
 plain object (not an `nn.Module`), so `EngramModule` keeps it as an attribute and the table never appears
 in `model.parameters()`. Table gradients are sparse (`F.embedding(sparse=True)`) and are applied by
 `RowSparseAdam` (`memory.sparse_optim`), which exchanges the touched rows across the data-parallel ranks
 so every replica applies the same update. `parallel.table_sharding: sharded` gives each rank a contiguous
 row range instead (`parallel.table_shard.ShardedTable`: lookups and row gradients travel by all-to-all,
 each rank steps its own rows) and `parallel.host_tables: true` keeps the rows and their Adam state in host
-memory with prefetch (`memory.tables.HostTable`); see docs/parallelism.md.
+memory with prefetch (`memory.host_tables.HostTable`); see docs/parallelism.md.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class TableStore(nn.Module):
     the `EngramTable` handed to the model.
 
     Tables are created directly where they live (never moved afterwards: do not call `.to()` on a store
-    with host tables) and initialised by `memory.tables.init_table_rows` from (seed, layer): any layout
+    with host tables) and initialised by `memory.host_tables.init_table_rows` from (seed, layer): any layout
     (replicated, sharded over any world size, host or device) starts from the same table.
     """
 
@@ -57,8 +57,8 @@ class TableStore(nn.Module):
 
     def factory(self, init_std: float, sparse: bool = True) -> Any:
         """A model `table_factory` that creates the table here and hands the model its `EngramTable` view:
-        `StoreTable` (replicated, device), `HostTable` (replicated, host) or `ShardedTable`."""
-        from ..memory.tables import HostTable, init_table_rows
+        `DeviceTable` (replicated, device), `HostTable` (replicated, host) or `ShardedTable`."""
+        from ..memory.host_tables import HostTable, init_table_rows
         from ..parallel.table_shard import ShardedTable
 
         def make(layer_id: int, num_rows: int, dim: int) -> Any:
@@ -76,7 +76,7 @@ class TableStore(nn.Module):
             elif self.host:
                 table = HostTable(num_rows, dim, self.device, init, ops=self.ops)
             else:
-                table = StoreTable(nn.Parameter(init(0, num_rows).to(self.device)), sparse=sparse)
+                table = DeviceTable(nn.Parameter(init(0, num_rows).to(self.device)), sparse=sparse)
             self.tables[str(layer_id)] = table.weight
             self.views[layer_id] = table
             return table
@@ -131,7 +131,7 @@ class TableStore(nn.Module):
                 close()
 
 
-class StoreTable:
+class DeviceTable:
     """`EngramTable` view of one `TableStore` parameter. Not an `nn.Module` on purpose: the model keeps it
     as a plain attribute, so the table stays out of `model.parameters()` and out of DeepSpeed."""
 
@@ -148,4 +148,4 @@ class StoreTable:
         return rows if self.compute_dtype is None else rows.to(self.compute_dtype)
 
     def __repr__(self) -> str:
-        return f"StoreTable(num_rows={self.num_rows}, dim={self.dim}, sparse={self.sparse})"
+        return f"DeviceTable(num_rows={self.num_rows}, dim={self.dim}, sparse={self.sparse})"

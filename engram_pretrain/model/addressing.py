@@ -1,6 +1,6 @@
 """The data an Engram model needs to turn raw token ids into table row ids, and the module holding it.
 
-`EngramAddressing` is built by `engram_pretrain.memory.addressing.build_addressing` (compression map
+`EngramAddressing` is built by `engram_pretrain.memory.addressing_builder.build_addressing` (compression map
 plus hash parameters) and handed to the model, which keeps it in buffers (`EngramAddresser`) so a
 saved or exported model computes its own row ids on device, bit-identical to the reference hashing.
 """

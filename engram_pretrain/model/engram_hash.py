@@ -1,6 +1,6 @@
 """On-device Engram n-gram hashing (torch only, CPU and CUDA).
 
-Bit-identical to the reference demo's numpy hashing (`engram_pretrain.memory.hashing` holds the numpy
+Bit-identical to the reference demo's numpy hashing (`engram_pretrain.memory.reference_hash` holds the numpy
 reference and the multiplier / prime-size construction). For orders n = 2..N over compressed ids x:
 
     mix_n[t] = XOR_{k=0..n-1} (x[t-k] * m[k])        (positions t-k < 0 read `pad_id`)

@@ -106,8 +106,9 @@ class EngramMoEModel(nn.Module):
         self.addresser: EngramAddresser | None = None
         if e.layers:
             if addressing is None:
-                raise ValueError("model.engram.layers is set but no EngramAddressing was given: build one "
-                                 "with engram_pretrain.memory.addressing.build_addressing(model_config, ...)")
+                raise ValueError(
+                    "model.engram.layers is set but no EngramAddressing was given: build one with "
+                    "engram_pretrain.memory.addressing_builder.build_addressing(model_config, ...)")
             if sorted(addressing.layer_head_sizes) != sorted(e.layers):
                 raise ValueError(f"EngramAddressing covers layers {sorted(addressing.layer_head_sizes)} "
                                  f"but model.engram.layers is {sorted(e.layers)}")

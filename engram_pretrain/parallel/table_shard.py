@@ -11,7 +11,7 @@ Forward (`lookup`), collective over the group, every rank takes part even with z
    sorted, so it is already grouped by owner in rank order (owner = bucketize against the shard ends);
 2. exchange the per-owner counts (even `all_to_all_single` of W integers), then the ids themselves
    (uneven `all_to_all_single`);
-3. each owner gathers the requested rows from its shard (device or host tier, `memory.tables`);
+3. each owner gathers the requested rows from its shard (device or host tier, `memory.host_tables`);
 4. the rows go back along the reverse splits (uneven `all_to_all_single`), and `unique_rows[inverse]`
    restores the requested order and duplicates.
 
@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..memory.tables import (
+from ..memory.host_tables import (
     DeviceRows,
     HostRows,
     LookupPlan,
@@ -148,7 +148,7 @@ class ShardedTable:
 
     num_rows: rows of the whole table; init_rows(start, end) -> this rank's initial rows [end-start, dim]
     (called once, for this rank's range only). `host=True` keeps the shard and its Adam state in (pinned)
-    host memory (`memory.tables.HostRows`); `device` is where lookups return rows; `ops` the kernels'
+    host memory (`memory.host_tables.HostRows`); `device` is where lookups return rows; `ops` the kernels'
     dispatch (gathers; None: torch indexing). Collectives run on the compute device under NCCL, on the CPU
     under gloo. Every call of `lookup`/`prefetch` and every backward through a lookup is collective.
     """

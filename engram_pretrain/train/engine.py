@@ -43,7 +43,7 @@ def build_model(cfg: RunConfig, compression: CompressionMap | None,
                 table_group: Any | None = None) -> tuple[EngramMoEModel, TableStore]:
     """The model with its tables in a separate `TableStore` (seeded: identical on every rank; with expert
     parallelism each rank holds its slice of the same routed experts)."""
-    from ..memory.addressing import build_addressing
+    from ..memory.addressing_builder import build_addressing
 
     seed_everything(cfg.train.seed)
     store = table_store_for(cfg, device, table_group)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..model.addressing import EngramAddressing
 from ..model.config import ModelConfig
 from .compression import CompressionMap
-from .hashing import NgramHasher
+from .reference_hash import NgramHasher
 
 
 def build_hasher(cfg: ModelConfig, compressed_vocab_size: int, compressed_pad_id: int) -> NgramHasher:
