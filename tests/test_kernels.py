@@ -568,3 +568,12 @@ def test_cuda_sparse_adam_equals_reference(cuda_ops, dtypes: tuple[torch.dtype, 
     with pytest.raises(ValueError):
         cuda_ops.sparse_adam_update_(*fused_state, torch.tensor([2, 1], device="cuda"),
                                      torch.zeros(2, d, dtype=sdt, device="cuda"), **HYPER)
+
+
+def test_cuda_build_key_follows_the_target_architectures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A JIT cache built for one GPU architecture is never loaded for another; the CPU build ignores it."""
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
+    cuda80, cpu80 = bld.CUDA_BUILDER.key(), bld.CPU_BUILDER.key()
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert bld.cuda_arch_list() == "9.0"
+    assert bld.CUDA_BUILDER.key() != cuda80 and bld.CPU_BUILDER.key() == cpu80

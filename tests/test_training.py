@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -580,3 +583,36 @@ def test_callbacks_see_every_step_in_order_and_can_stop_the_run(dataset: Path, t
     assert records[3]["val_loss"] == res["val_losses"][3] and records[2]["val_loss"] is None
     assert records[4]["loss"] == pytest.approx(res["losses"][3])  # the window since step 3's record
     assert res["last_checkpoint"] is None
+
+
+def test_bf16_accumulates_and_reduces_gradients_in_fp32() -> None:
+    bf16 = build_ds_config(load_config(None, ["deepspeed.bf16=true"]), 2, use_cuda=True)
+    assert bf16["bf16"]["enabled"] is True and bf16["data_types"] == {"grad_accum_dtype": "fp32"}
+    cpu = build_ds_config(load_config(None, ["deepspeed.bf16=true"]), 2, use_cuda=False)
+    assert cpu["bf16"]["enabled"] is False and "data_types" not in cpu  # CPU runs stay fp32
+
+
+def test_deterministic_sets_the_cublas_workspace_in_a_fresh_process() -> None:
+    code = ("import os, torch; from engram_pretrain.train.distributed import enable_deterministic; "
+            "enable_deterministic(); print(os.environ['CUBLAS_WORKSPACE_CONFIG'], "
+            "torch.are_deterministic_algorithms_enabled())")
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [":4096:8", "True"]
+    env["CUBLAS_WORKSPACE_CONFIG"] = ":16:8"  # an explicit setting is kept
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[0] == ":16:8"
+
+
+def test_an_op_that_cannot_build_is_a_config_error(dataset: Path, tmp_path: Path) -> None:
+    """kernel_backend=cpp for host tables with no C++ compiler: exit code 2 and the reason, no traceback."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CXX": "no-such-compiler",
+           "ENGRAM_OPS_CACHE": str(tmp_path / "ops")}
+    overrides = [*TINY, f"data.paths=[{dataset}]", f"output_dir={tmp_path / 'run'}", "train.steps=2",
+                 "parallel.host_tables=true", "parallel.kernel_backend=cpp"]
+    (tmp_path / "run.yaml").write_text("name: op-build\n")
+    done = subprocess.run([sys.executable, "-m", "engram_pretrain.cli", "train", str(tmp_path / "run.yaml"),
+                           *overrides], env=env, capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out
+    assert "cannot build op 'engram_cpu_ops': no C++ compiler" in out and "Traceback" not in out

@@ -46,6 +46,19 @@ NVCC_CHECK_ARCHS = ("sm_90",)
 """Targets of the standalone compile check (Hopper; nvcc 13 also accepts sm_75 .. sm_121)."""
 
 
+def cuda_arch_list() -> str:
+    """The CUDA architectures a build targets, as `torch.utils.cpp_extension` picks them:
+    `TORCH_CUDA_ARCH_LIST` when set, else the compute capabilities of the visible GPUs ("" without any).
+    Part of the build key, so a cache made for one GPU is never loaded on another."""
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if env:
+        return env
+    if not torch.cuda.is_available():
+        return ""
+    caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    return ";".join(f"{major}.{minor}" for major, minor in sorted(caps))
+
+
 class OpBuildError(RuntimeError):
     """A custom op could not be built or loaded (missing toolchain, compiler error)."""
 
@@ -123,10 +136,11 @@ class OpBuilder:
         return None
 
     def key(self) -> str:
-        """Hash of sources, flags and toolchain identifying one build."""
+        """Hash of sources, flags, toolchain and (CUDA builds) target architectures identifying one build."""
         extra = (
             torch.__version__, str(torch.version.cuda), sys.version, str(cxx_compiler()),
             *self.extra_cflags, "|", *self.extra_cuda_cflags, "|", *self.extra_ldflags,
+            *(("|", cuda_arch_list()) if self.with_cuda else ()),
         )
         return _digest(self.sources + self.depends, extra)
 

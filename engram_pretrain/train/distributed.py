@@ -53,6 +53,13 @@ def init_distributed(backend: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local_rank, device)
 
 
+def enable_deterministic() -> None:
+    """`torch.use_deterministic_algorithms(True)`, with the cuBLAS workspace setting it requires on CUDA
+    (without `CUBLAS_WORKSPACE_CONFIG` the first cuBLAS matmul raises); an explicit setting is kept."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
     random.seed(seed)

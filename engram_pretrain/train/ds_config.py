@@ -72,6 +72,8 @@ def build_ds_config(cfg: RunConfig, world_size: int, use_cuda: bool | None = Non
     if s.bf16 and not use_cuda:
         logger.warning("deepspeed.bf16 is ignored on CPU: the run stays fp32")
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
+    if bf16:  # accumulate and reduce gradients in fp32 (DeepSpeed's default under bf16 is bf16)
+        ds["data_types"] = {"grad_accum_dtype": "fp32", **ds.get("data_types", {})}
     if ds.get("fp16", {}).get("enabled") is True:
         raise ConfigError("deepspeed.config: fp16 is not supported (MoE router and Engram gates need range); "
                           "use deepspeed.bf16")

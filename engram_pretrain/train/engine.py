@@ -17,7 +17,7 @@ from ..memory.table_store import TableStore
 from ..model.transformer import EngramMoEModel
 from ..parallel.expert_parallel import ExpertParallel, setup_expert_parallel
 from .components import TrainComponents
-from .distributed import DistInfo, quiet_deepspeed, seed_everything
+from .distributed import DistInfo, enable_deterministic, quiet_deepspeed, seed_everything
 from .ds_config import build_ds_config
 from .optimizers import build_backbone_optimizer, build_table_optimizer
 
@@ -89,7 +89,7 @@ def build_components(cfg: RunConfig, info: DistInfo, dataset: DatasetDir | None,
 
     quiet_deepspeed()
     if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
+        enable_deterministic()
     if cfg.data.engram_sidecar and info.rank == 0:
         logger.warning("data.engram_sidecar: the trainer hashes row ids on device (bit-identical to the "
                        "sidecar); precomputed rows are not read yet")

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import RunConfig, dump_config, to_dict
+from ..kernels.builder import OpBuildError
 from .callbacks import Callback, StopRequest, default_callbacks
 from .checkpoint import Checkpointer, SaveReport, checkpoint_dir, resolve_resume
 from .components import TrainComponents, set_learning_rates
@@ -390,7 +391,7 @@ def run_training(cfg: RunConfig, resume: str | None = "auto") -> int:
             dump_config(cfg, Path(cfg.output_dir) / "config.yaml")
         try:
             trainer = build_trainer(cfg, resume)
-        except ValueError as err:  # ConfigError included: bad config, data or checkpoint
+        except (ValueError, OpBuildError) as err:  # bad config, data, checkpoint; an op that cannot build
             logger.error("error: %s", err)
             return EXIT_CONFIG
         try:
