@@ -6,7 +6,8 @@ One optimizer step:
 2. for each of `grad_accum_steps` micro-batches: Engram row ids from the batch, `engine(...)`,
    `engine.backward(loss)`, `engine.step()` (DeepSpeed steps the backbone at the accumulation boundary);
    with host-resident tables the next micro-batch's rows are prefetched during the current one;
-3. one all-reduce of [loss, non-finite flag, stop flag, per-expert loads] over the world;
+3. one all-reduce of [loss, non-finite flag, stop flag, per-expert loads] over the world, on the training
+   device (what NCCL needs; the micro-batches add to device totals without a host sync);
 4. if the step was applied: `RowSparseAdam.step` on the tables (rows exchanged across ranks) and the
    loss-free bias update from the global-batch loads; otherwise discard the table gradients and loads.
 
@@ -185,8 +186,9 @@ class Trainer:
         start = time.perf_counter()
         lr, table_lr = set_learning_rates(c, lr_multiplier(self.step, cfg.train.steps, cfg.schedule))
         skipped_before = engine.skipped_steps
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        nonfinite = 0
+        # step totals stay on the training device (NCCL reduces device tensors only; no host sync per
+        # micro-batch): [loss sum, non-finite micro-batches]
+        totals = torch.zeros(2, dtype=torch.float64, device=device)
         micro = [next(self.train_batches) for _ in range(cfg.train.grad_accum_steps)]
         ahead = self._prefetch(micro[0]) if c.prefetches_tables else None
         for i, batch in enumerate(micro):
@@ -196,19 +198,20 @@ class Trainer:
             # host tables: the next micro-batch's rows are gathered in the background during this one
             ahead = self._prefetch(micro[i + 1]) if c.prefetches_tables and i + 1 < len(micro) else None
             out = engine(input_ids, labels=labels, engram_row_ids=row_ids)
-            loss = out.loss
-            if not bool(torch.isfinite(loss)):
-                nonfinite += 1
-                loss = loss * float("nan")  # NaN gradients on every rank's norm -> DeepSpeed skips the step
-            loss_sum += out.lm_loss.detach().double().cpu()
+            finite = torch.isfinite(out.loss)
+            # a non-finite loss backpropagates NaN: every rank's gradient norm is NaN -> DeepSpeed skips
+            loss = out.loss * torch.where(finite, 1.0, float("nan"))  # a constant factor: exact when 1
+            totals[0] += out.lm_loss.detach().double()
+            totals[1] += (~finite).double()
             engine.backward(loss)
             engine.step()
         applied_by_engine = engine.skipped_steps == skipped_before
         moes = c.model.moe_layers()
-        flags = torch.tensor([float(loss_sum), float(nonfinite),
-                              float(self.stop_request.signum is not None)], dtype=torch.float64)
-        packed = torch.cat([flags] + [m.load_accum.detach().double().cpu() for m in moes])
-        dist.all_reduce(packed)
+        stopping = float(self.stop_request.signum is not None)
+        stop = torch.full((1,), stopping, dtype=torch.float64, device=device)
+        packed = torch.cat([totals, stop] + [m.load_accum.detach().double().to(device) for m in moes])
+        dist.all_reduce(packed)  # one collective of the step, on the training device
+        packed = packed.cpu()
         world = c.dist.world_size
         mean_loss = float(packed[0]) / (cfg.train.grad_accum_steps * world)
         skipped = bool(packed[1] > 0) or not applied_by_engine
@@ -259,14 +262,15 @@ class Trainer:
             return None
         c = self.components
         c.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=c.engine.device)  # [loss sum, batches]
         for batch in self.valid_batches:
             input_ids = batch["input_ids"].to(c.engine.device)
             out = c.engine(input_ids, labels=batch["labels"].to(c.engine.device),
                            engram_row_ids=c.row_ids(input_ids))
-            total += torch.tensor([float(out.lm_loss), 1.0], dtype=torch.float64)
+            total[0] += out.lm_loss.detach().double()
+            total[1] += 1.0
         c.engine.train()
-        dist.all_reduce(total)
+        dist.all_reduce(total)  # on the training device (NCCL has no CPU tensors)
         return float(total[0] / total[1])
 
     # ------------------------------------------------------------------ helpers of the callbacks
