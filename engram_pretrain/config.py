@@ -278,6 +278,9 @@ class RunConfig:
         _need(p.ep_size >= 1, "parallel.ep_size", "must be >= 1")
         _need(self.model.moe.num_routed_experts % p.ep_size == 0, "parallel.ep_size",
               f"{p.ep_size} must divide model.moe.num_routed_experts={self.model.moe.num_routed_experts}")
+        _need(not (p.host_tables and p.kernel_backend == "cuda"), "parallel.kernel_backend",
+              "cuda: the CUDA ops take device tensors, host tables are gathered and stepped on the host "
+              "(use cpp or auto with parallel.host_tables)")
         _need(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
         _need(self.checkpoint.init_from is None or bool(str(self.checkpoint.init_from).strip()),
               "checkpoint.init_from", "must be a path (an exported folder or a checkpoint) or null")

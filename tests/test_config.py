@@ -85,3 +85,10 @@ def test_cli_reports_config_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert "model.moe.top_k" in capsys.readouterr().err
     assert main(["params", "no-such-preset"]) == 2
     assert "unknown preset" in capsys.readouterr().err
+
+
+def test_cuda_ops_are_refused_for_host_tables() -> None:
+    with pytest.raises(ConfigError, match="parallel.kernel_backend: cuda"):
+        load_config(None, ["parallel.host_tables=true", "parallel.kernel_backend=cuda"])
+    cfg = load_config(None, ["parallel.host_tables=true", "parallel.kernel_backend=cpp"])
+    assert cfg.parallel.host_tables

@@ -276,6 +276,21 @@ def test_cpp_multihead_gather_equals_reference(cpp, torch_ops, dtype: torch.dtyp
         torch_ops.multihead_gather(table, bad, offsets)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_gradients_are_summed_in_fp32(cpp, torch_ops, dtype: torch.dtype) -> None:
+    """bf16 runs: row gradients in bf16/fp16 are summed in fp32 (the table state's dtype), by every backend,
+    equal to an fp64 sum of the same values within fp32 rounding."""
+    ids = torch.randint(0, 30, (500,), generator=gen(15))
+    grads = torch.randn(500, 4, generator=gen(16)).to(dtype)
+    want = torch.zeros(30, 4, dtype=torch.float64).index_add_(0, ids, grads.double())
+    for ops in (torch_ops, cpp):
+        unique, summed = ops.segment_reduce(ids, grads)
+        assert summed.dtype == torch.float32
+        torch.testing.assert_close(summed.double(), want[unique], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="dtype"):
+        torch_ops.segment_reduce(ids, grads.to(torch.int32))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpp_segment_reduce_equals_reference(cpp, torch_ops, dtype: torch.dtype) -> None:
     ids = torch.randint(0, 50, (700,), generator=gen(13))

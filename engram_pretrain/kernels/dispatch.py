@@ -131,8 +131,7 @@ class ExtensionOps(TorchOps):
         if row_ids.dim() != 1 or grads.dim() != 2 or grads.shape[0] != row_ids.shape[0]:
             raise ValueError(f"segment_reduce: row_ids [M] and grads [M, d] expected, got "
                              f"{tuple(row_ids.shape)} and {tuple(grads.shape)}")
-        if grads.dtype not in ref.FLOAT_DTYPES:
-            raise ValueError(f"segment_reduce: grads dtype {grads.dtype} not in {ref.FLOAT_DTYPES}")
+        grads = ref.accumulation_dtype(grads)  # bf16/fp16 summed in fp32, as the reference does
         if row_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"row ids must be int64 or int32, got {row_ids.dtype}")
         self._check_device(grads, row_ids)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 """Dtypes supported by the reductions and the optimizer update (gathers copy any dtype)."""
 
 
@@ -82,17 +83,27 @@ def multihead_gather(
     return gather_rows(table, flat, out)
 
 
+def accumulation_dtype(grads: torch.Tensor) -> torch.Tensor:
+    """`grads` in the dtype row gradients are summed in: float32/float64 as they are, bfloat16/float16 as
+    float32; anything else is a ValueError."""
+    if grads.dtype in LOW_PRECISION:
+        return grads.float()
+    if grads.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"segment_reduce: grads dtype {grads.dtype} not in {FLOAT_DTYPES + LOW_PRECISION}")
+    return grads
+
+
 def segment_reduce(row_ids: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """row_ids: [M], grads: [M, d] -> (unique_ids [U] sorted ascending int64, summed [U, d]).
 
     summed[u] is the sum of grads[i] over all i with row_ids[i] == unique_ids[u], accumulated in
-    order of occurrence.
+    order of occurrence. bfloat16/float16 gradients (bf16 runs) are summed in float32 and `summed` is
+    float32, the dtype of the tables' optimizer state.
     """
     if row_ids.dim() != 1 or grads.dim() != 2 or grads.shape[0] != row_ids.shape[0]:
         raise ValueError(f"segment_reduce: row_ids [M] and grads [M, d] expected, got "
                          f"{tuple(row_ids.shape)} and {tuple(grads.shape)}")
-    if grads.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"segment_reduce: grads dtype {grads.dtype} not in {FLOAT_DTYPES}")
+    grads = accumulation_dtype(grads)
     check_ids(row_ids, torch.iinfo(torch.int64).max)
     unique, inverse = torch.unique(row_ids.long(), sorted=True, return_inverse=True)
     summed = grads.new_zeros(unique.shape[0], grads.shape[1]).index_add_(0, inverse, grads)
@@ -100,7 +111,6 @@ def segment_reduce(row_ids: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Te
 
 
 STATE_DTYPES = (torch.float32, torch.float64)
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def check_adam_args(
