@@ -529,3 +529,35 @@ def test_sharded_training_resumes_exactly(e2e_runs: list[dict[str, Any]]) -> Non
         assert r["resumed"]["losses"] == r["sharded"]["losses"]  # exact
         assert len(r["files"]) == 4
         assert all(f.startswith(("table_1_rows_", "table_2_rows_")) for f in r["files"])
+
+
+def test_host_rows_are_page_locked_at_their_exact_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pinned host tables are registered in place (cudaHostRegister of exactly their bytes) instead of coming
+    from the caching host allocator, which rounds up to a power of two; unregistered when freed. The CUDA
+    runtime is a recording stand-in here (no GPU on this machine)."""
+    import gc
+
+    from engram_pretrain.memory.host_tables import HostRows
+
+    calls: list[tuple[str, int, int]] = []
+
+    class Runtime:
+        def cudaHostRegister(self, ptr: int, nbytes: int, flags: int) -> int:  # noqa: N802
+            calls.append(("register", ptr, nbytes))
+            return 0
+
+        def cudaHostUnregister(self, ptr: int) -> int:  # noqa: N802
+            calls.append(("unregister", ptr, 0))
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Runtime())
+    rows = torch.randn(1000, 24)
+    store = HostRows(rows, "cpu", pin_memory=True)
+    assert torch.equal(store.weight, rows) and store.weight.data_ptr() != rows.data_ptr()
+    assert calls == [("register", store.weight.data_ptr(), 1000 * 24 * 4)]
+    del store
+    gc.collect()
+    assert calls[-1][0] == "unregister" and calls[-1][1] == calls[0][1]
+    calls.clear()
+    HostRows(rows, "cpu", pin_memory=False)
+    assert calls == []

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -170,6 +171,24 @@ class PrefetchStats:
     """Prefetches discarded because the lookup asked for other ids."""
 
 
+def page_lock(owner: object, tensor: Tensor) -> None:
+    """Page-lock `tensor`'s host memory in place (`cudaHostRegister`) until `owner` is freed.
+
+    A table is allocated pageable and registered at exactly its size: `torch.empty(pin_memory=True)` goes
+    through the caching host allocator, which rounds a block up to a power of two (an 11.6 GB table would
+    pin 16 GB). Per-lookup buffers still come from the caching allocator, which reuses them."""
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return
+    cudart = torch.cuda.cudart()
+    ptr = tensor.data_ptr()
+    err = cudart.cudaHostRegister(ptr, nbytes, 0)
+    if int(err) != 0:
+        raise RuntimeError(f"cudaHostRegister of {nbytes} bytes of table rows failed (error {int(err)}); "
+                           "set pin_memory=False or free host memory")
+    weakref.finalize(owner, cudart.cudaHostUnregister, ptr)
+
+
 class HostRows:
     """A block of table rows as a parameter in (pinned) host memory, gathered into host buffers and copied
     to the compute device; gathers can run ahead on a background thread."""
@@ -180,7 +199,9 @@ class HostRows:
                  pin_memory: bool | None = None) -> None:
         self.device = torch.device(device)
         self.pin = torch.cuda.is_available() if pin_memory is None else pin_memory
-        host = torch.empty(tuple(rows.shape), dtype=rows.dtype, pin_memory=self.pin)
+        host = torch.empty(tuple(rows.shape), dtype=rows.dtype)
+        if self.pin:
+            page_lock(self, host)
         host.copy_(rows)
         self.weight = nn.Parameter(host)
         self.ops = ops
