@@ -183,6 +183,9 @@ class EngramModule(nn.Module):
     def gates(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """h: [B, T, G, D], e: [B, T, d_mem] -> alpha: [B, T, G] (ones when gating is off).
 
+        The D-long dot product, signed sqrt and sigmoid run in at least fp32 (a bf16 model's gates are
+        not a bf16 reduction); alpha comes back in h's dtype.
+
         All branches at once: the G key projections as one matmul over their concatenated weights, the
         per-branch RMSNorms as one normalisation times the stacked [G, D] weights (same maths as applying
         `key_projs[m]`, `key_norms[m]`, `query_norms[m]` branch by branch; fewer, larger ops).
@@ -195,10 +198,11 @@ class EngramModule(nn.Module):
         key = F.linear(e, weight, bias).unflatten(-1, (g, d))  # [B, T, G, D]
         key = _branch_rms_norm(key, self.key_norms)
         query = _branch_rms_norm(h, self.query_norms)  # [B, T, G, D]
-        s = (key * query).sum(dim=-1) * (1.0 / math.sqrt(d))  # [B, T, G]
+        acc = torch.promote_types(key.dtype, torch.float32)  # the dot product of a bf16 model in fp32
+        s = (key.to(acc) * query.to(acc)).sum(dim=-1) * (1.0 / math.sqrt(d))  # [B, T, G]
         if self.signed_sqrt_gate:
             s = torch.sign(s) * torch.sqrt(s.abs().clamp_min(GATE_ABS_MIN))
-        return torch.sigmoid(s)
+        return torch.sigmoid(s).to(h.dtype)
 
     def _short_conv(self, u: torch.Tensor, conv_state: ShortConvState | None = None,
                     token_mask: torch.Tensor | None = None) -> torch.Tensor:
