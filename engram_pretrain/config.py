@@ -133,6 +133,8 @@ class TrainLoopConfig:
     """Abort after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
     deterministic: bool = False
     """Use deterministic algorithms (exact resume tests)."""
+    compile: bool = False
+    """`torch.compile` each transformer block (inductor; the first steps compile: minutes on a CPU)."""
 
 
 @dataclass

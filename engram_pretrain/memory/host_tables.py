@@ -340,6 +340,7 @@ class HostTable:
         self.store.stats.dropped += self._queue.clear()
         return plan_lookup(flat_row_ids, self.num_rows)
 
+    @torch.compiler.disable  # sparse gradients, host copies and collectives stay out of compiled graphs
     def lookup(self, flat_row_ids: Tensor) -> Tensor:
         """flat_row_ids: [...] int64 (offsets included) -> rows [..., dim] on the compute device."""
         plan = self._plan(flat_row_ids)

@@ -142,6 +142,7 @@ class DeviceTable:
         self.compute_dtype: torch.dtype | None = None
         """Cast the looked-up rows to this dtype (bf16 runs keep the table itself in fp32)."""
 
+    @torch.compiler.disable  # sparse gradients, host copies and collectives stay out of compiled graphs
     def lookup(self, flat_row_ids: torch.Tensor) -> torch.Tensor:
         """flat_row_ids: [...] int64 (offsets included) -> rows [..., dim]; sparse row gradient."""
         rows = F.embedding(flat_row_ids, self.weight, sparse=self.sparse)

@@ -255,6 +255,7 @@ class ShardedTable:
         plan.pending = self.store.start_gather(plan.local_ids)
         self._queue.push(plan)
 
+    @torch.compiler.disable  # sparse gradients, host copies and collectives stay out of compiled graphs
     def lookup(self, flat_row_ids: Tensor) -> Tensor:
         """flat_row_ids: [...] int64 global rows (offsets included) -> rows [..., dim]. Collective."""
         plan = self._take_plan(flat_row_ids)
