@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig, config_diff, dump_config, load_config
+from ..launch.commands import LOCAL_SCRIPT
 from ..train.checkpoint import checkpoint_dir, is_complete, step_dir_name
 from .budget import relative_delta
 from .plan import PlannedRun
@@ -36,7 +37,6 @@ from .plan import PlannedRun
 METRICS_NAME = "metrics.jsonl"
 RUN_RECORD = "experiment_run.json"
 """Written next to the config after a local run: exit code, wall seconds, command."""
-LOCAL_SCRIPT = Path(__file__).resolve().parents[2] / "launchers" / "local.sh"
 IGNORED_SECTIONS = ("launcher.", "logging.", "checkpoint.resume")
 """Config keys that may differ between the planned config and a run's saved one (launch layout)."""
 _LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "MASTER_ADDR",

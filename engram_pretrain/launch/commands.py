@@ -18,10 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from ..config import SLURM_OPTIONS, ConfigError, RunConfig, load_preset, resolve_config_path
+from ..config import REPO_ROOT, SLURM_OPTIONS, ConfigError, RunConfig, load_preset, resolve_config_path
 from .slurm import SbatchSpec, read_task_list, sbatch_command, submit, write_script
 
-LOCAL_SCRIPT = Path(__file__).resolve().parents[2] / "launchers" / "local.sh"
+LOCAL_SCRIPT = REPO_ROOT / "launchers" / "local.sh"
+"""The one-machine launcher (torchrun with per-rank logs)."""
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
