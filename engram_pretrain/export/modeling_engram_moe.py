@@ -214,8 +214,8 @@ def offload_whole_units(model: nn.Module) -> None:
     its own module's `forward` runs. Our blocks read weights outside their owners' forward (the Engram table
     through `lookup`, the branch gates as one concatenated matmul, the short-conv and mHC weights), so
     each unit named in the device map (a `Block`, the embedding, ...; a `ModuleList` stands for its
-    children) becomes one hook that loads the whole
-    unit, runs it, and offloads it again. No-op without offloaded weights.
+    children) becomes one hook that loads the whole unit, runs it, and offloads it again. No-op without
+    offloaded weights.
     """
     from accelerate.hooks import AlignDevicesHook, attach_align_device_hook_on_blocks, remove_hook_from_module
 
