@@ -135,6 +135,11 @@ class TrainLoopConfig:
     """Use deterministic algorithms (exact resume tests)."""
     compile: bool = False
     """`torch.compile` each transformer block (inductor; the first steps compile: minutes on a CPU)."""
+    activation_checkpointing: Literal["none", "full"] = "none"
+    """Activation recompute: `full` frees every checkpointed block's activations after the forward and
+    recomputes them in the backward (gradients unchanged; MoE loads counted once)."""
+    activation_checkpointing_every: int = 1
+    """With `full`: checkpoint blocks 0, n, 2n, ... (1: every block)."""
 
 
 @dataclass
@@ -276,6 +281,7 @@ class RunConfig:
         _need(t.steps > 0, "train.steps", "must be positive")
         _need(t.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
         _need(t.grad_accum_steps > 0, "train.grad_accum_steps", "must be positive")
+        _need(t.activation_checkpointing_every >= 1, "train.activation_checkpointing_every", "must be >= 1")
         _need(self.deepspeed.zero_stage in (None, 0, 1, 2, 3), "deepspeed.zero_stage", "must be 0-3")
         _need(p.ep_size >= 1, "parallel.ep_size", "must be >= 1")
         _need(self.model.moe.num_routed_experts % p.ep_size == 0, "parallel.ep_size",

@@ -193,3 +193,38 @@ def test_compiled_blocks_match_eager_outputs_and_gradients() -> None:
     assert grads[0].keys() == grads[1].keys()
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("every, aux", [(1, 0.0), (2, 0.01)])
+def test_activation_recompute_gives_the_same_gradients_and_counts_loads_once(every: int, aux: float) -> None:
+    """train.activation_checkpointing=full (blocks 0, every, ...): fp64 loss and every gradient equal to the
+    run without recompute, MoE loads counted once, gate statistics those of the forward."""
+    from engram_pretrain.train.engine import build_model
+
+    cfg = _compile_config()
+    cfg.train.compile = False
+    cfg.model.moe.seq_aux_loss_coef = aux
+    results = []
+    for mode in ("none", "full"):
+        cfg.train.activation_checkpointing, cfg.train.activation_checkpointing_every = mode, every
+        model, store = build_model(cfg, None)
+        model = model.double().train()
+        for table in store.views.values():
+            table.weight.data = table.weight.data.double()
+        ids = torch.randint(0, 96, (2, 32), generator=torch.Generator().manual_seed(0))
+        out = model(ids, labels=ids.roll(-1, 1))
+        loss = out.loss + (out.aux_loss if out.aux_loss is not None else 0)
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        grads.update({f"table{k}": p.grad.to_dense() for k, p in store.tables.items()})
+        loads = [m.load_accum.clone() for m in model.moe_layers()]
+        gates = [b.engram.last_gate_mean for b in model.blocks if b.engram is not None]
+        results.append((loss.detach(), grads, loads, gates, model.recompute_every))
+    (l0, g0, ld0, gt0, r0), (l1, g1, ld1, gt1, r1) = results
+    assert r0 == 0 and r1 == every
+    torch.testing.assert_close(l1, l0, rtol=0, atol=1e-12)
+    assert g0.keys() == g1.keys() and len(g0) > 10
+    for name, g in g0.items():
+        torch.testing.assert_close(g1[name], g, rtol=0, atol=1e-12, msg=name)
+    assert all(torch.equal(a, b) for a, b in zip(ld0, ld1, strict=True)) and sum(x.sum() for x in ld0) > 0
+    assert all(torch.equal(a, b) for a, b in zip(gt0, gt1, strict=True))

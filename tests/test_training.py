@@ -616,3 +616,29 @@ def test_an_op_that_cannot_build_is_a_config_error(dataset: Path, tmp_path: Path
     out = done.stdout + done.stderr
     assert done.returncode == 2, out
     assert "cannot build op 'engram_cpu_ops': no C++ compiler" in out and "Traceback" not in out
+
+
+def _recompute_job(rank: int, world: int, data: str, out: str) -> dict[str, Any]:
+    res = {}
+    for tables in ("replicated", "sharded"):
+        for mode in ("none", "full"):
+            cfg = tiny_config(data, f"{out}/{tables}-{mode}", "train.steps=3", "checkpoint.interval=0",
+                              "train.eval_interval=0", f"train.activation_checkpointing={mode}",
+                              f"parallel.table_sharding={tables}")
+            trainer = _trainer(cfg)
+            losses = trainer.fit().losses
+            res[(tables, mode)] = {"losses": losses, "state": _state(trainer)}
+            _close(trainer)
+    return res
+
+
+def test_activation_recompute_trains_like_no_recompute_on_two_ranks(dataset: Path, tmp_path: Path) -> None:
+    """ZeRO-2 on 2 ranks, replicated and row-sharded tables (whose all-to-all lookups run again in the
+    recompute): the same losses and weights with train.activation_checkpointing=full as without."""
+    for r in run_distributed(_recompute_job, 2, args=(str(dataset), str(tmp_path)), timeout=600):
+        for tables in ("replicated", "sharded"):
+            plain, recomputed = r[(tables, "none")], r[(tables, "full")]
+            assert recomputed["losses"] == pytest.approx(plain["losses"], rel=1e-6, abs=0), tables
+            for name, want in plain["state"].items():
+                np.testing.assert_allclose(recomputed["state"][name], want, rtol=1e-5, atol=1e-6,
+                                           err_msg=f"{tables}: {name}")

@@ -34,6 +34,7 @@ from ..model.engram import EngramModule
 from ..model.engram_hash import ngram_hash  # noqa: F401  (see the note below)
 from ..model.hyper_connections import HyperConnection  # noqa: F401
 from ..model.moe import MoE
+from ..model.recompute import recomputing  # noqa: F401
 from ..model.transformer import EngramMoEModel
 from .hf_config import EngramMoEConfig
 

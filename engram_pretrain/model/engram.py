@@ -31,6 +31,7 @@ from torch import nn
 
 from .cache import ShortConvState
 from .config import EngramConfig
+from .recompute import recomputing
 
 GATE_ABS_MIN = 1e-6
 """Clamp of |s| inside the signed square root (demo value)."""
@@ -247,7 +248,8 @@ class EngramModule(nn.Module):
         e = self.memory(row_ids)  # [B, T, d_mem]
         value = self.value_proj(e).unsqueeze(2)  # [B, T, 1, D]
         alpha = self.gates(h, e)  # [B, T, G]
-        self.last_gate_mean = alpha.detach().mean(dim=(0, 1))
+        if not recomputing():  # the statistics of the real forward, not of an activation recompute
+            self.last_gate_mean = alpha.detach().mean(dim=(0, 1))
         u = alpha.unsqueeze(-1) * value  # [B, T, G, D]
         return u + self._short_conv(u, conv_state, token_mask) if self.short_conv else u
 

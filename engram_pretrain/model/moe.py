@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MoEConfig
+from .recompute import recomputing
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -261,15 +262,19 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
 
+        real_forward = not recomputing()  # an activation recompute computes the same, records nothing
         with torch.no_grad():
             load = torch.bincount(topk_idx.reshape(-1), minlength=self.num_experts).to(torch.float32)
-            self.last_load = load
-            if self.training:
-                _keep_fp32(self.load_accum)
-                self.load_accum += load.to(self.load_accum.dtype)
-        self.aux_loss = None
+            if real_forward:
+                self.last_load = load
+                if self.training:
+                    _keep_fp32(self.load_accum)
+                    self.load_accum += load.to(self.load_accum.dtype)
+        aux = None
         if self.training and self.seq_aux_loss_coef > 0:
-            self.aux_loss = self._seq_aux_loss(topk_idx.view(b, t, -1), scores.view(b, t, -1))
+            aux = self._seq_aux_loss(topk_idx.view(b, t, -1), scores.view(b, t, -1))
+        if real_forward:
+            self.aux_loss = aux
         return out.view(b, t, d)
 
     def _seq_aux_loss(self, topk_idx: Tensor, scores: Tensor) -> Tensor:

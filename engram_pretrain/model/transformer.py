@@ -19,6 +19,7 @@ from .config import ModelConfig
 from .engram import EngramModule, TableFactory, local_table_factory
 from .hyper_connections import HeadCollapse, HyperConnection, expand_streams
 from .moe import MoE, SwiGLU
+from .recompute import checkpointed
 
 # State-dict names that code outside the model relies on (checkpoints, export, init_from).
 ROUTER_BIAS_SUFFIX = ".ffn.router.expert_bias"
@@ -101,6 +102,9 @@ class EngramMoEModel(nn.Module):
         super().__init__()
         cfg.validate()
         self.config = cfg
+        self.recompute_every = 0
+        """Activation recompute in training: blocks 0, n, 2n, ... are checkpointed (`model.recompute`);
+        0 = none. Set by the trainer from `train.activation_checkpointing`."""
         dim, e = cfg.hidden_size, cfg.engram
         self.embed = nn.Embedding(cfg.vocab_size, dim)
         self.addresser: EngramAddresser | None = None
@@ -202,8 +206,13 @@ class EngramMoEModel(nn.Module):
         x = self.embed(input_ids)  # [B, T, D]
         streams = expand_streams(x, self.config.hyper_connections.num_streams)  # [B, T, M, D]
         hidden: list[torch.Tensor] = [x] if output_hidden_states else []
-        for block in self.blocks:
-            streams = block(streams, engram_row_ids.get(block.layer_id), cache, key_mask)
+        every = self.recompute_every if self.training and cache is None and torch.is_grad_enabled() else 0
+        for i, block in enumerate(self.blocks):
+            row_ids = engram_row_ids.get(block.layer_id)
+            if every and i % every == 0:
+                streams = checkpointed(block, streams, row_ids, None, key_mask)
+            else:
+                streams = block(streams, row_ids, cache, key_mask)
             if output_hidden_states:
                 hidden.append(self.head_collapse(streams))
         if cache is not None:

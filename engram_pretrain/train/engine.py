@@ -53,6 +53,8 @@ def build_model(cfg: RunConfig, compression: CompressionMap | None,
                            table_factory=store.factory(cfg.model.engram.table_init_std, sparse=True))
     if expert_parallel is not None:
         expert_parallel.prepare_model(model)
+    if cfg.train.activation_checkpointing == "full":
+        model.recompute_every = cfg.train.activation_checkpointing_every
     if cfg.train.compile:
         for block in model.blocks:  # block by block: the embedding, hashing and head stay eager
             block.compile()
