@@ -72,7 +72,8 @@ def main() -> None:
         med = {m: statistics.median(v) for m, v in times.items()}
         mib = {m: f"{b / 2**20:.1f}" for m, b in nbytes.items()}
         ms = {m: f"{t * 1e3:.0f}" for m, t in med.items()}
-        rows.append([label, f"{args.batch}x{seq}", mib["none"], mib["full"], f"{nbytes['full'] / nbytes['none']:.3f}",
+        ratio = nbytes["full"] / nbytes["none"]
+        rows.append([label, f"{args.batch}x{seq}", mib["none"], mib["full"], f"{ratio:.3f}",
                      ms["none"], ms["full"], f"{med['full'] / med['none']:.2f}"])
     print_table(["config", "tokens", "saved MiB none", "saved MiB full", "ratio", "fwd+bwd ms none",
                  "fwd+bwd ms full", "time ratio"], rows)
