@@ -642,3 +642,21 @@ def test_activation_recompute_trains_like_no_recompute_on_two_ranks(dataset: Pat
             for name, want in plain["state"].items():
                 np.testing.assert_allclose(recomputed["state"][name], want, rtol=1e-5, atol=1e-6,
                                            err_msg=f"{tables}: {name}")
+
+
+def test_guarded_adamw_checks_gradients_only_without_zero() -> None:
+    """ZeRO 1-3 skip a non-finite step themselves (test_nonfinite_step_is_skipped_everywhere_then_aborts
+    covers stage 2): the client AdamW does not scan the gradients a second time there."""
+    from engram_pretrain.train.optimizers import build_backbone_optimizer
+
+    model = torch.nn.Linear(4, 4)
+    for stage, check in ((0, True), (1, False), (2, False), (3, False)):
+        cfg = load_config(None, [f"deepspeed.zero_stage={stage}"])
+        opt = build_backbone_optimizer(model, cfg, build_ds_config(cfg, 1, use_cuda=False))
+        assert opt.check_finite is check, stage
+    opt = build_backbone_optimizer(model, load_config(None, ["deepspeed.zero_stage=0"]),
+                                   build_ds_config(load_config(None, ["deepspeed.zero_stage=0"]), 1, False))
+    model.weight.grad = torch.full_like(model.weight, float("nan"))
+    before = model.weight.detach().clone()
+    opt.step()
+    assert opt.overflow and torch.equal(model.weight.detach(), before)

@@ -19,16 +19,20 @@ class GuardedAdamW(torch.optim.AdamW):
     """AdamW that skips its step when a gradient is non-finite and says so in `overflow`.
 
     DeepSpeed's ZeRO optimizers (stages 1-3) already skip a step whose global gradient norm is not finite
-    before this optimizer is reached. Without ZeRO, DeepSpeed calls this optimizer directly on the
+    before this optimizer is reached, so there `check_finite=False` and the step does no second pass over
+    the gradients (and no host sync). Without ZeRO, DeepSpeed calls this optimizer directly on the
     all-reduced (hence rank-identical) gradients and reads `overflow` to count a skipped step.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, check_finite: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.check_finite = check_finite
         self.overflow = False
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
+        if not self.check_finite:
+            return super().step(closure)
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         self.overflow = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
         if self.overflow:
@@ -60,7 +64,9 @@ def build_backbone_optimizer(model: nn.Module, cfg: RunConfig,
 
         return Muon(groups, lr=o.lr, weight_decay=o.weight_decay, momentum=o.muon_momentum,
                     ns_steps=o.muon_ns_steps, betas=betas, eps=o.eps)
-    return GuardedAdamW(groups, lr=o.lr, betas=betas, eps=o.eps, weight_decay=o.weight_decay)
+    zero = ds_config["zero_optimization"]["stage"] > 0  # ZeRO checks the gradient norm itself
+    return GuardedAdamW(groups, lr=o.lr, betas=betas, eps=o.eps, weight_decay=o.weight_decay,
+                        check_finite=not zero)
 
 
 def build_table_optimizer(store: TableStore, cfg: RunConfig) -> Any | None:
