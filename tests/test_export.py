@@ -356,3 +356,21 @@ def test_broken_export_folders_name_the_file(exported: tuple[EngramMoEModel, Pat
     with pytest.raises(ValueError, match=pattern):
         import_hf(folder)
     assert main(["check-export", str(folder)]) == 2
+
+
+def test_bf16_load_keeps_mixing_and_router_weights_fp32(exported: tuple[EngramMoEModel, Path]) -> None:
+    """`from_pretrained(dtype=torch.bfloat16)`: mHC, head-collapse and router weights stay fp32 (they are
+    tiny and steer every token), the rest is bf16; logits stay close to fp32 and generation runs."""
+    model, out = exported
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.bfloat16).eval()
+    kept = {n: p.dtype for n, p in hf.named_parameters()
+            if any(k in n for k in (".attn_hc.", ".ffn_hc.", "head_collapse.", ".router."))}
+    assert kept and set(kept.values()) == {torch.float32}, kept
+    assert hf.model.embed.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, model.config.vocab_size - 4, (2, 10))
+    with torch.no_grad():
+        logits = hf(ids).logits.float()
+        want = model(ids).logits
+        gen = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    assert (logits - want).abs().max() < 0.1 * want.abs().max()
+    assert gen.shape == (2, 14)

@@ -251,6 +251,10 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
     config_class = EngramMoEConfig
     base_model_prefix = "model"
     _no_split_modules = ["Block"]  # device_map="auto" places whole blocks (offload_whole_units)
+    # loaded with dtype=torch.bfloat16 the routers and the mHC / head-collapse mixing stay fp32 (module-name
+    # parts, as transformers matches them; these modules compute in fp32 whatever their storage)
+    _keep_in_fp32_modules = ["router", "attn_hc", "ffn_hc", "engram_hc", "head_collapse"]
+    _keep_in_fp32_modules_strict = _keep_in_fp32_modules  # newer releases apply the plain list to fp16 only
     _skip_keys_device_placement = ["cache", "past_key_values"]  # the decoding state is not a tensor
     _is_stateful = True  # the decoding state cannot be rolled back (no assisted generation)
     supports_gradient_checkpointing = False
