@@ -376,8 +376,8 @@ def _initial_checkpoint_mismatch(path: Path, cfg: RunConfig, world_size: int) ->
         return f"ZeRO stage {state.get('zero_stage')} (this run: {stage})"
     if int(state["world_size"]) != world_size and stage > 0:
         return f"{state['world_size']} rank(s) (this run: {world_size})"
-    if checkpoint_ep_size(path) != cfg.parallel.ep_size:
-        return f"ep_size {checkpoint_ep_size(path)} (this run: {cfg.parallel.ep_size})"
+    if (saved_ep := checkpoint_ep_size(path)) != cfg.parallel.ep_size:
+        return f"ep_size {saved_ep} (this run: {cfg.parallel.ep_size})"
     return None
 
 

@@ -57,22 +57,28 @@ def load_experts(ep: ExpertParallel, model: EngramMoEModel, directory: str | Pat
             p.data.copy_(shard["weights"][name].to(p.device))
 
 
+def read_expert_meta(directory: str | Path) -> dict[str, Any] | None:
+    """`experts/meta.json` of a checkpoint (ep_size, num_experts, weight names); None without shards."""
+    meta = Path(directory) / EXPERTS_DIR / EXPERT_META
+    return json.loads(meta.read_text()) if meta.is_file() else None
+
+
 def read_expert_weights(step_dir: str | Path) -> dict[str, torch.Tensor] | None:
     """Every routed expert weight of an expert-parallel checkpoint, the EP ranks' shards concatenated in
     expert order; None when the checkpoint has no expert shards."""
-    root = Path(step_dir) / EXPERTS_DIR
-    if not (root / EXPERT_META).is_file():
+    meta = read_expert_meta(step_dir)
+    if meta is None:
         return None
+    root = Path(step_dir) / EXPERTS_DIR
     shards = [torch.load(f, map_location="cpu", weights_only=True) for f in sorted(root.glob("ep_rank_*.pt"))]
     shards.sort(key=lambda sh: sh["expert_range"][0])
-    names = json.loads((root / EXPERT_META).read_text())["weights"]
-    return {name: torch.cat([sh["weights"][name] for sh in shards]) for name in names}
+    return {name: torch.cat([sh["weights"][name] for sh in shards]) for name in meta["weights"]}
 
 
 def checkpoint_ep_size(directory: str | Path) -> int:
     """The expert-parallel size a checkpoint was written with (1 when it has no expert shards)."""
-    meta = Path(directory) / EXPERTS_DIR / EXPERT_META
-    return int(json.loads(meta.read_text())["ep_size"]) if meta.is_file() else 1
+    meta = read_expert_meta(directory)
+    return 1 if meta is None else int(meta["ep_size"])
 
 
 def check_expert_checkpoint(directory: str | Path, ep_size: int) -> None:
