@@ -366,3 +366,18 @@ def test_chain_and_dependency_reach_sbatch(cluster, tmp_path):
     finally:
         if jobs:
             cluster.run("scancel", *jobs)
+
+
+def test_submit_options_mirror_the_command_line() -> None:
+    """`SubmitOptions` (the typed form experiments submit with) has exactly the options and defaults of
+    `submit`."""
+    import argparse
+    from dataclasses import fields
+
+    from engram_pretrain.launch.commands import SubmitOptions, add_submit_options
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_submit_options(parser)
+    assert {a.dest for a in parser._actions} == {f.name for f in fields(SubmitOptions)}
+    assert SubmitOptions.parse([]) == SubmitOptions()
+    assert SubmitOptions.parse(["--no-requeue", "--chain", "3"]) == SubmitOptions(no_requeue=True, chain=3)
