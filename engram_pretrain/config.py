@@ -181,7 +181,8 @@ class ParallelConfig:
     """Distributed layout: world = data parallel x expert parallel."""
 
     ep_size: int = 1
-    """Expert-parallel group size; must divide the world size and the routed expert count."""
+    """Expert-parallel group size; must divide the world size and be at most the routed expert count (it
+    need not divide it: the first E mod ep ranks of a group hold one expert more)."""
     table_sharding: Literal["replicated", "sharded"] = "replicated"
     """Engram tables replicated on every rank, or row-sharded over the world."""
     host_tables: bool = False
@@ -284,8 +285,9 @@ class RunConfig:
         _need(t.activation_checkpointing_every >= 1, "train.activation_checkpointing_every", "must be >= 1")
         _need(self.deepspeed.zero_stage in (None, 0, 1, 2, 3), "deepspeed.zero_stage", "must be 0-3")
         _need(p.ep_size >= 1, "parallel.ep_size", "must be >= 1")
-        _need(self.model.moe.num_routed_experts % p.ep_size == 0, "parallel.ep_size",
-              f"{p.ep_size} must divide model.moe.num_routed_experts={self.model.moe.num_routed_experts}")
+        _need(p.ep_size <= self.model.moe.num_routed_experts, "parallel.ep_size",
+              f"{p.ep_size} exceeds model.moe.num_routed_experts={self.model.moe.num_routed_experts} "
+              "(every expert-parallel rank needs at least one routed expert)")
         _need(not (p.host_tables and p.kernel_backend == "cuda"), "parallel.kernel_backend",
               "cuda: the CUDA ops take device tensors, host tables are gathered and stepped on the host "
               "(use cpp or auto with parallel.host_tables)")

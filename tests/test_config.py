@@ -41,7 +41,7 @@ def test_yaml_base_chain_and_overrides(tmp_path: Path) -> None:
     ("model.engram.d_mem=60", "model.engram.d_mem: 60 is not divisible by (max_ngram - 1) * num_heads = 16"),
     ("model.attention.num_kv_heads=3", "model.attention.num_kv_heads: 3 must divide num_heads=4"),
     ("data.seq_len=100000", "data.seq_len: 100000 exceeds model.max_seq_len"),
-    ("parallel.ep_size=3", "parallel.ep_size: 3 must divide model.moe.num_routed_experts=8"),
+    ("parallel.ep_size=9", "parallel.ep_size: 9 exceeds model.moe.num_routed_experts=8"),
     ("schedule.warmup_steps=1000", "schedule.warmup_steps"),
 ])
 def test_errors_name_the_key(override: str, key: str | None) -> None:

@@ -48,8 +48,16 @@ def test_config_checks_name_parallel_ep_size() -> None:
     with pytest.raises(ConfigError, match=r"parallel\.ep_size.*ZeRO stage 3"):
         check_expert_parallel_config(cfg, world_size=2, zero_stage=3)
     check_expert_parallel_config(load_config(None, ["parallel.ep_size=1"]), world_size=3, zero_stage=3)
-    with pytest.raises(ConfigError, match=r"parallel\.ep_size.*num_routed_experts"):
-        load_config(None, ["model.moe.num_routed_experts=4", "parallel.ep_size=3"])
+    # ep_size need not divide the expert count (uneven placement), but every EP rank needs an expert
+    uneven = load_config(None, ["model.moe.num_routed_experts=5", "parallel.ep_size=2"])
+    check_expert_parallel_config(uneven, world_size=4, zero_stage=1)
+    check_expert_parallel_config(load_config(None, ["model.moe.num_routed_experts=4", "parallel.ep_size=3"]),
+                                 world_size=3, zero_stage=0)
+    with pytest.raises(ConfigError, match=r"parallel\.ep_size: 5 exceeds model\.moe\.num_routed_experts=4"):
+        load_config(None, ["model.moe.num_routed_experts=4", "parallel.ep_size=5"])
+    uneven.parallel.ep_size = 8
+    with pytest.raises(ConfigError, match=r"parallel\.ep_size: 8 exceeds model\.moe\.num_routed_experts=5"):
+        check_expert_parallel_config(uneven, world_size=8, zero_stage=2)
 
 
 def test_checkpoint_ep_size_must_match(tmp_path: Path) -> None:
@@ -97,22 +105,48 @@ def test_expert_shards_are_slices_of_the_unsharded_init() -> None:
         GroupedExperts(D, H, 3, 0.5, expert_offset=2, num_global_experts=4)
 
 
-# ----------------------------------------------------------------------------- dispatcher on 2 ranks
+# ----------------------------------------------------------------------------- dispatcher on 2 and 4 ranks
 
 CASES = {
-    # name: (tokens of rank 0, tokens of rank 1, experts the router may pick)
-    "random": (7, 5, range(E)),
-    "idle_rank1_experts": (6, 4, range(2)),  # EP rank 1 holds experts 2, 3: they receive no token at all
-    "rank1_no_tokens": (6, 0, range(E)),
-    "all_to_rank1": (5, 3, range(2, E)),  # EP rank 0's experts idle, rank 1 gets everything
+    # name: (tokens of each rank, experts the router may pick); E = 4 experts, EP 2: [0, 2) [2, 4)
+    "random": ((7, 5), range(E)),
+    "idle_rank1_experts": ((6, 4), range(2)),  # EP rank 1 holds experts 2, 3: they receive no token at all
+    "rank1_no_tokens": ((6, 0), range(E)),
+    "all_to_rank1": ((5, 3), range(2, E)),  # EP rank 0's experts idle, rank 1 gets everything
 }
+E_UNEVEN = 5
+UNEVEN_CASES = {  # E = 5 experts, EP 2: rank 0 holds [0, 3), rank 1 [3, 5)
+    "uneven_random": ((7, 5), range(E_UNEVEN)),
+    "uneven_idle_rank1_experts": ((6, 4), range(3)),
+    "uneven_rank1_no_tokens": ((6, 0), range(E_UNEVEN)),
+    "uneven_all_to_rank1": ((5, 3), range(3, E_UNEVEN)),
+}
+E_FOUR = 7
+FOUR_RANK_CASES = {  # E = 7 experts on 4 ranks: EP 4 [0, 2) [2, 4) [4, 6) [6, 7); EP 2 [0, 4) [4, 7)
+    "four_random": ((5, 3, 4, 2), range(E_FOUR)),
+    "four_last_expert_idle": ((4, 3, 5, 2), range(E_FOUR - 1)),  # EP 4: rank 3's one expert gets nothing
+    "four_rank2_no_tokens": ((4, 3, 0, 5), range(E_FOUR)),
+}
+Cases = dict[str, tuple[tuple[int, ...], range]]
 
 
-def _case_inputs(case: str, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def test_uneven_placement_gives_the_first_ranks_one_expert_more() -> None:
+    from engram_pretrain.parallel.groups import expert_bounds, expert_counts
+
+    assert expert_counts(55, 8) == [7] * 7 + [6]  # 55 experts on 8 GPUs
+    assert expert_bounds(55, 8) == [0, 7, 14, 21, 28, 35, 42, 49, 55]
+    assert expert_bounds(7, 4) == [0, 2, 4, 6, 7] and expert_bounds(5, 2) == [0, 3, 5]
+    assert expert_counts(8, 4) == [2] * 4 and expert_counts(3, 3) == [1] * 3
+    with pytest.raises(ValueError, match="at least one expert"):
+        expert_counts(3, 4)
+
+
+def _case_inputs(cases: Cases, case: str, rank: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Deterministic tokens of `rank` in `case`: x [N, D], idx [N, K] distinct experts, w [N, K], g [N, D]."""
-    n0, n1, allowed = CASES[case]
-    n = (n0, n1)[rank]
-    gen = torch.Generator().manual_seed(100 * list(CASES).index(case) + rank)
+    tokens, allowed = cases[case]
+    n = tokens[rank]
+    gen = torch.Generator().manual_seed(100 * list(cases).index(case) + rank)
     allowed_t = torch.tensor(list(allowed))
     idx = torch.stack([allowed_t[torch.randperm(len(allowed_t), generator=gen)[:K]] for _ in range(n)]) \
         if n else torch.zeros(0, K, dtype=torch.long)
@@ -147,21 +181,26 @@ def _grad(t: torch.Tensor) -> np.ndarray:
     return np.zeros(tuple(t.shape)) if t.grad is None else t.grad.numpy()
 
 
-def _dispatcher_job(rank: int, world: int) -> dict[str, dict[str, Any]]:
+def _dispatch_cases(rank: int, ep_size: int, num_experts: int, cases: Cases) -> dict[str, dict[str, Any]]:
+    """Every case through an `AllToAllExpertDispatcher` over EP groups of `ep_size` and through the fp64
+    per-token reference over the full expert set (the tokens of this rank's EP group; expert gradients
+    summed over them)."""
     from engram_pretrain.parallel.expert_parallel import AllToAllExpertDispatcher
     from engram_pretrain.parallel.groups import new_expert_parallel_groups
 
-    groups = new_expert_parallel_groups(2)
+    groups = new_expert_parallel_groups(ep_size)
+    group_ranks = range(rank - groups.ep_rank, rank - groups.ep_rank + ep_size)
     dispatcher = AllToAllExpertDispatcher(groups.ep_group)
-    count, offset = dispatcher.local_experts(E)
+    count, offset = dispatcher.local_experts(num_experts)
     torch.manual_seed(0)
-    full = GroupedExperts(D, H, E, init_std=0.5).double()
+    full = GroupedExperts(D, H, num_experts, init_std=0.5).double()
     torch.manual_seed(0)
-    shard = GroupedExperts(D, H, count, init_std=0.5, expert_offset=offset, num_global_experts=E).double()
+    shard = GroupedExperts(D, H, count, init_std=0.5, expert_offset=offset,
+                           num_global_experts=num_experts).double()
     names = ("w1", "w3", "w2")
     results: dict[str, dict[str, Any]] = {}
-    for case in CASES:
-        x, idx, w, g = _case_inputs(case, rank)
+    for case in cases:
+        x, idx, w, g = _case_inputs(cases, case, rank)
         x.requires_grad_(True)
         w.requires_grad_(True)
         shard.zero_grad(set_to_none=True)
@@ -169,11 +208,10 @@ def _dispatcher_job(rank: int, world: int) -> dict[str, dict[str, Any]]:
         (out * g).sum().backward()
         with torch.no_grad():
             local = LocalExpertDispatcher()(x, idx, w, full)
-        # fp64 reference: every rank's tokens through the full expert set; expert grads summed over ranks
         ref_weights = [getattr(full, nm).detach().clone().requires_grad_(True) for nm in names]
         loss, ref_x, ref_w = torch.zeros((), dtype=torch.float64), None, None
-        for r in range(world):
-            xr, idr, wr, gr = _case_inputs(case, r)
+        for r in group_ranks:
+            xr, idr, wr, gr = _case_inputs(cases, case, r)
             xr.requires_grad_(True)
             wr.requires_grad_(True)
             loss = loss + (_ref_out(xr, idr, wr, ref_weights) * gr).sum()
@@ -181,6 +219,7 @@ def _dispatcher_job(rank: int, world: int) -> dict[str, dict[str, Any]]:
                 ref_x, ref_w, ref_out = xr, wr, _ref_out(xr, idr, wr, ref_weights)
         loss.backward()
         results[case] = {
+            "tokens": cases[case][0][rank], "experts": (offset, count),
             "out": out.detach().numpy(), "ref_out": ref_out.detach().numpy(), "local_out": local.numpy(),
             "x_grad": x.grad.numpy(), "ref_x_grad": _grad(ref_x),
             "w_grad": w.grad.numpy(), "ref_w_grad": _grad(ref_w),
@@ -194,35 +233,61 @@ def _dispatcher_job(rank: int, world: int) -> dict[str, dict[str, Any]]:
     return results
 
 
+def _dispatcher_job(rank: int, world: int) -> dict[str, dict[str, Any]]:
+    return {**_dispatch_cases(rank, 2, E, CASES), **_dispatch_cases(rank, 2, E_UNEVEN, UNEVEN_CASES)}
+
+
+def _four_rank_dispatcher_job(rank: int, world: int) -> dict[int, dict[str, dict[str, Any]]]:
+    return {ep: _dispatch_cases(rank, ep, E_FOUR, FOUR_RANK_CASES) for ep in (2, 4)}
+
+
 @pytest.fixture(scope="module")
 def dispatcher_runs() -> list[dict[str, dict[str, Any]]]:
     return run_distributed(_dispatcher_job, 2, timeout=120)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+def _assert_dispatch_matches(r: dict[str, Any], what: str) -> None:
+    tol = {"rtol": 1e-10, "atol": 1e-12}
+    assert r["shard_is_slice"]
+    n = r["tokens"]
+    assert r["out"].shape == (n, D) and r["x_grad"].shape == (n, D) and r["w_grad"].shape == (n, K)
+    np.testing.assert_allclose(r["out"], r["ref_out"], **tol)
+    np.testing.assert_allclose(r["out"], r["local_out"], **tol)
+    np.testing.assert_allclose(r["x_grad"], r["ref_x_grad"], **tol)
+    np.testing.assert_allclose(r["w_grad"], r["ref_w_grad"], **tol)
+    for name, ref in r["ref_expert_grads"].items():
+        got = r["expert_grads"][name]
+        assert got is not None, f"{name} has no gradient ({what})"  # zeros when idle, never None
+        np.testing.assert_allclose(got, ref, err_msg=f"{what} {name}", **tol)
+
+
+@pytest.mark.parametrize("case", [*CASES, *UNEVEN_CASES])
 def test_all_to_all_dispatcher_matches_fp64_reference(dispatcher_runs: list[dict[str, Any]],
                                                        case: str) -> None:
-    tol = {"rtol": 1e-10, "atol": 1e-12}
     for rank, per_rank in enumerate(dispatcher_runs):
-        r = per_rank[case]
-        assert r["shard_is_slice"]
-        n = CASES[case][rank]
-        assert r["out"].shape == (n, D) and r["x_grad"].shape == (n, D) and r["w_grad"].shape == (n, K)
-        np.testing.assert_allclose(r["out"], r["ref_out"], **tol)
-        np.testing.assert_allclose(r["out"], r["local_out"], **tol)
-        np.testing.assert_allclose(r["x_grad"], r["ref_x_grad"], **tol)
-        np.testing.assert_allclose(r["w_grad"], r["ref_w_grad"], **tol)
-        for name, ref in r["ref_expert_grads"].items():
-            got = r["expert_grads"][name]
-            assert got is not None, f"{name} has no gradient on rank {rank}"  # zeros when idle, never None
-            np.testing.assert_allclose(got, ref, err_msg=f"{case} rank {rank} {name}", **tol)
+        _assert_dispatch_matches(per_rank[case], f"{case} rank {rank}")
+    if case in UNEVEN_CASES:
+        assert [r[case]["experts"] for r in dispatcher_runs] == [(0, 3), (3, 2)]
 
 
 def test_idle_experts_get_zero_gradients(dispatcher_runs: list[dict[str, Any]]) -> None:
-    idle = dispatcher_runs[1]["idle_rank1_experts"]["expert_grads"]
-    assert all(not np.any(g) for g in idle.values())
-    busy = dispatcher_runs[0]["idle_rank1_experts"]["expert_grads"]
-    assert all(np.any(g) for g in busy.values())
+    for case in ("idle_rank1_experts", "uneven_idle_rank1_experts"):
+        idle = dispatcher_runs[1][case]["expert_grads"]
+        assert all(not np.any(g) for g in idle.values())
+        busy = dispatcher_runs[0][case]["expert_grads"]
+        assert all(np.any(g) for g in busy.values())
+
+
+def test_uneven_dispatcher_on_four_ranks_matches_fp64_reference() -> None:
+    """7 experts over EP groups of 4 (2, 2, 2, 1 experts) and of 2 (4, 3; two EP groups side by side)."""
+    runs = run_distributed(_four_rank_dispatcher_job, 4, timeout=120)
+    for rank, per_ep in enumerate(runs):
+        for ep, per_case in per_ep.items():
+            for case, r in per_case.items():
+                _assert_dispatch_matches(r, f"EP {ep} {case} rank {rank}")
+    assert [r[4]["four_random"]["experts"] for r in runs] == [(0, 2), (2, 2), (4, 2), (6, 1)]
+    assert [r[2]["four_random"]["experts"] for r in runs] == [(0, 4), (4, 3), (0, 4), (4, 3)]
+    assert not any(np.any(g) for g in runs[3][4]["four_last_expert_idle"]["expert_grads"].values())
 
 
 # ----------------------------------------------------------------------------- training, EP=2 vs EP=1

@@ -1,12 +1,15 @@
 """Expert parallelism: the routed experts of every MoE layer split over an expert-parallel (EP) group.
 
-Forward of one MoE layer on EP rank r (E experts, ep ranks, E_l = E / ep local experts each):
+Forward of one MoE layer on EP rank r (E experts, ep ranks; EP rank r holds the E_r experts
+[b_r, b_{r+1}) of `groups.expert_bounds`: with q, m = divmod(E, ep), q + 1 on the first m ranks, q on the
+others, so ep need not divide E):
 
 1. the router (replicated, like the shared experts) picks K global expert ids per token; the loads for the
    loss-free bias are counted there, over all E experts (`MoE.load_accum`);
 2. the N*K token slots are sorted by expert id, which groups them by destination rank;
-3. per-expert slot counts [E] are exchanged with an even `all_to_all_single` (E_l counts per peer), so
-   every rank knows how many rows it receives from each peer for each local expert;
+3. per-expert slot counts [E] are exchanged with an `all_to_all_single` (E_j counts go to peer j, E_r
+   counts arrive from every peer), so every rank knows how many rows it receives from each peer for each
+   local expert;
 4. the slot rows are exchanged with an uneven `all_to_all_single` (dispatch), regrouped by local expert,
    run through the local experts, put back in arrival order and returned with the reverse uneven
    all-to-all (combine);
@@ -40,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .groups import ExpertParallelGroups
+from .groups import ExpertParallelGroups, expert_bounds, expert_counts
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -88,22 +91,19 @@ class AllToAllExpertDispatcher:
         self.ep_rank = dist.get_rank(ep_group)
 
     def local_experts(self, num_experts: int) -> tuple[int, int]:
-        if num_experts % self.ep_size != 0:
-            raise ValueError(f"{num_experts} routed experts cannot be split evenly over an expert-parallel "
-                             f"group of {self.ep_size} ranks (parallel.ep_size must divide "
-                             "model.moe.num_routed_experts)")
-        count = num_experts // self.ep_size
-        return count, self.ep_rank * count
+        """(count, first global expert) of this EP rank's contiguous range (`groups.expert_bounds`)."""
+        bounds = expert_bounds(num_experts, self.ep_size)
+        return bounds[self.ep_rank + 1] - bounds[self.ep_rank], bounds[self.ep_rank]
 
     def __call__(self, x: Tensor, topk_idx: Tensor, topk_weight: Tensor, experts: GroupedExperts) -> Tensor:
         """x: [N, D], topk_idx: [N, K] global expert ids, topk_weight: [N, K] -> [N, D] in x's dtype."""
         n, k = topk_idx.shape
-        e_loc, ep = experts.num_experts, self.ep_size
-        num_experts = e_loc * ep
-        if (experts.expert_offset, experts.num_global_experts) != (self.ep_rank * e_loc, num_experts):
-            raise ValueError(f"experts hold [{experts.expert_offset}, +{e_loc}) of "
-                             f"{experts.num_global_experts}; EP rank {self.ep_rank} of {ep} needs "
-                             f"[{self.ep_rank * e_loc}, +{e_loc}) of {num_experts}")
+        e_loc, ep, num_experts = experts.num_experts, self.ep_size, experts.num_global_experts
+        per_rank = expert_counts(num_experts, ep)  # [ep] experts of each EP rank
+        count, first = self.local_experts(num_experts)
+        if (experts.expert_offset, e_loc) != (first, count):
+            raise ValueError(f"experts hold [{experts.expert_offset}, +{e_loc}) of {num_experts}; EP rank "
+                             f"{self.ep_rank} of {ep} needs [{first}, +{count}) of {num_experts}")
         acc_dtype = torch.promote_types(x.dtype, torch.float32)
         flat_idx = topk_idx.reshape(-1)  # [N*K]
         order = torch.argsort(flat_idx, stable=True)  # slots by expert = by destination rank
@@ -111,14 +111,15 @@ class AllToAllExpertDispatcher:
         send_counts = torch.bincount(flat_idx, minlength=num_experts)  # [E]
         if send_counts.numel() > num_experts:
             raise ValueError(f"expert index out of range for {num_experts} experts")
-        recv_counts = torch.empty_like(send_counts)  # [ep * E_l]: (source rank, local expert)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
-        counts = torch.stack([send_counts, recv_counts]).view(2, ep, e_loc).cpu()
-        send_splits = counts[0].sum(dim=1).tolist()
-        recv_splits = counts[1].sum(dim=1).tolist()
+        recv_counts = send_counts.new_empty(ep * e_loc)  # [ep * E_l]: (source rank, local expert)
+        dist.all_to_all_single(recv_counts, send_counts, [e_loc] * ep, per_rank, group=self.group)
+        counts = torch.cat([send_counts, recv_counts]).cpu()  # one host copy for both
+        send_splits = [int(c.sum()) for c in counts[:num_experts].split(per_rank)]  # rows to each rank
+        recv_by_source = counts[num_experts:].view(ep, e_loc)
+        recv_splits = recv_by_source.sum(dim=1).tolist()
 
         x_recv = all_to_all(x[token_of_slot], recv_splits, send_splits, self.group)  # [R, D] by source
-        y_recv = self._run_local(x_recv, counts[1], experts)  # [R, D] same order
+        y_recv = self._run_local(x_recv, recv_by_source, experts)  # [R, D] same order
         y = all_to_all(y_recv, send_splits, recv_splits, self.group)  # [N*K, D] sorted-slot order
 
         w = topk_weight.reshape(-1)[order].to(acc_dtype).unsqueeze(-1)  # [N*K, 1]
@@ -156,8 +157,9 @@ def check_expert_parallel_config(cfg: RunConfig, world_size: int, zero_stage: in
     if ep < 1 or world_size % ep != 0:
         raise ConfigError(f"parallel.ep_size: {ep} must divide the world size {world_size} (world = data "
                           "parallel x expert parallel); launch a multiple of it or change parallel.ep_size")
-    if num_experts % ep != 0:
-        raise ConfigError(f"parallel.ep_size: {ep} must divide model.moe.num_routed_experts={num_experts}")
+    if ep > num_experts:
+        raise ConfigError(f"parallel.ep_size: {ep} exceeds model.moe.num_routed_experts={num_experts}: every "
+                          "expert-parallel rank needs at least one routed expert")
     if ep > 1 and zero_stage == 3:
         raise ConfigError("parallel.ep_size > 1 with ZeRO stage 3: DeepSpeed does not support expert "
                           "parallelism of custom MoE layers under ZeRO-3; use deepspeed.zero_stage 0, 1 or 2")
@@ -252,12 +254,16 @@ class ExpertParallel:
 
     def full_expert_state(self, model: EngramMoEModel) -> dict[str, Tensor]:
         """{state-dict name: [E, ...] CPU tensor} of every routed expert weight, gathered over the EP group
-        (collective over it). The other entries of the model's state dict are already whole."""
+        (collective over it). The other entries of the model's state dict are already whole. EP ranks may
+        hold different expert counts: each sends its shard padded to the largest, the padding is dropped."""
+        counts = expert_counts(model.moe_layers()[0].experts.num_global_experts, self.ep_size)
         out = {}
         for name, p in self.expert_params(model):
-            parts = [torch.empty_like(p.data) for _ in range(self.ep_size)]
-            dist.all_gather(parts, p.data.contiguous(), group=self.groups.ep_group)
-            out[name] = torch.cat(parts).detach().cpu()
+            padded = p.data.new_zeros((max(counts), *p.shape[1:]))
+            padded[:p.shape[0]] = p.data
+            parts = [torch.empty_like(padded) for _ in range(self.ep_size)]
+            dist.all_gather(parts, padded, group=self.groups.ep_group)
+            out[name] = torch.cat([part[:c] for part, c in zip(parts, counts, strict=True)]).detach().cpu()
         return out
 
     def local_expert_range(self, model: EngramMoEModel) -> tuple[list[str], int, int, int]:

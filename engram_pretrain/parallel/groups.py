@@ -4,7 +4,8 @@ The layout is DeepSpeed's (`deepspeed.utils.groups._create_expert_and_data_paral
 that DeepSpeed's MoE gradient reduction and our token all-to-all use the same groups:
 
 - **expert-parallel group**: `ep_size` consecutive ranks. The routed experts of every MoE layer are split
-  over it (EP rank r holds experts [r E/ep, (r+1) E/ep)); tokens travel inside it by all-to-all.
+  over it in contiguous ranges (`expert_bounds`: with q, m = divmod(E, ep) the first m EP ranks hold q + 1
+  experts, the others q, so ep need not divide E); tokens travel inside it by all-to-all.
 - **expert-data-parallel group**: the `world / ep_size` ranks with the same EP rank (strided). They hold
   the same experts; expert gradients are averaged over it (and only over it).
 - dense (non-expert) parameters: the whole world, as without EP.
@@ -27,6 +28,24 @@ def expert_parallel_ranks(world_size: int, ep_size: int) -> tuple[list[list[int]
     ep_groups = [list(range(start, start + ep_size)) for start in range(0, world_size, ep_size)]
     edp_groups = [list(range(i, world_size, ep_size)) for i in range(ep_size)]
     return ep_groups, edp_groups
+
+
+def expert_counts(num_experts: int, ep_size: int) -> list[int]:
+    """Routed experts held by each EP rank: q + 1 on the first m ranks, q on the others (q, m = divmod(E,
+    ep)), like the row ranges of sharded tables. ValueError when some rank would hold none (ep > E)."""
+    if ep_size < 1 or num_experts < ep_size:
+        raise ValueError(f"{num_experts} routed experts cannot be placed on an expert-parallel group of "
+                         f"{ep_size} ranks: every EP rank needs at least one expert")
+    q, m = divmod(num_experts, ep_size)
+    return [q + 1 if r < m else q for r in range(ep_size)]
+
+
+def expert_bounds(num_experts: int, ep_size: int) -> list[int]:
+    """[ep_size + 1] boundaries: EP rank r holds the global experts [bounds[r], bounds[r + 1])."""
+    bounds = [0]
+    for count in expert_counts(num_experts, ep_size):
+        bounds.append(bounds[-1] + count)
+    return bounds
 
 
 def group_name(ep_size: int) -> str:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ...config import dump_config
-from .experts import check_expert_checkpoint, load_experts, save_experts
+from .experts import check_expert_checkpoint, load_experts, module_loader_without_experts, save_experts
 from .layout import (
     BUFFERS,
     COMPLETE,
@@ -165,8 +165,11 @@ class Checkpointer:
                              f"{state['zero_stage']}; resuming on {self.world_size} ranks is not supported "
                              "yet (relaunch with the original world size)")
         check_expert_checkpoint(path, c.cfg.parallel.ep_size)
+        ep = c.expert_parallel  # DeepSpeed's module file holds EP rank 0's experts; load_experts sets ours
+        loader = None if ep is None else module_loader_without_experts(ep, c.model)
         load_path, _ = c.engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
-                                                load_lr_scheduler_states=False, load_module_strict=True)
+                                                load_lr_scheduler_states=False, load_module_strict=True,
+                                                custom_load_fn=loader)
         if load_path is None:
             raise ValueError(f"DeepSpeed found no engine state in {path / DS_TAG}")
         if c.expert_parallel is not None:

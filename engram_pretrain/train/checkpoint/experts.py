@@ -6,11 +6,13 @@ place per EP rank, and let consolidation concatenate every expert in order."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 if TYPE_CHECKING:
     from ...model.transformer import EngramMoEModel
@@ -57,6 +59,26 @@ def load_experts(ep: ExpertParallel, model: EngramMoEModel, directory: str | Pat
             p.data.copy_(shard["weights"][name].to(p.device))
 
 
+def module_loader_without_experts(ep: ExpertParallel, model: EngramMoEModel
+                                   ) -> Callable[..., None]:
+    """DeepSpeed `custom_load_fn` for its module file under expert parallelism: loads every entry but the
+    routed expert weights (strict otherwise), which `load_experts` fills per EP rank afterwards.
+
+    The module file is rank 0's state dict, so it holds EP rank 0's experts; with an uneven placement
+    (docs/expert_parallel.md) another EP rank's expert tensors have fewer rows and a strict load of them
+    would fail on the shapes."""
+    expert_names = {name for name, _ in ep.expert_params(model)}
+
+    def load(src: dict[str, torch.Tensor], dst: nn.Module) -> None:
+        result = dst.load_state_dict({k: v for k, v in src.items() if k not in expert_names}, strict=False)
+        missing = sorted(set(result.missing_keys) - expert_names)
+        if missing or result.unexpected_keys:
+            raise ValueError(f"DeepSpeed module file does not fit the model: missing {missing[:4]}, "
+                             f"unexpected {list(result.unexpected_keys)[:4]}")
+
+    return load
+
+
 def read_expert_meta(directory: str | Path) -> dict[str, Any] | None:
     """`experts/meta.json` of a checkpoint (ep_size, num_experts, weight names); None without shards."""
     meta = Path(directory) / EXPERTS_DIR / EXPERT_META
@@ -72,6 +94,10 @@ def read_expert_weights(step_dir: str | Path) -> dict[str, torch.Tensor] | None:
     root = Path(step_dir) / EXPERTS_DIR
     shards = [torch.load(f, map_location="cpu", weights_only=True) for f in sorted(root.glob("ep_rank_*.pt"))]
     shards.sort(key=lambda sh: sh["expert_range"][0])
+    ranges = [tuple(sh["expert_range"]) for sh in shards]
+    if [r[0] for r in ranges] != [0] + [r[1] for r in ranges[:-1]] or ranges[-1][1] != meta["num_experts"]:
+        raise ValueError(f"{root}: the expert shards {ranges} do not cover the {meta['num_experts']} "
+                         "routed experts in contiguous ranges (a shard missing?)")
     return {name: torch.cat([sh["weights"][name] for sh in shards]) for name in meta["weights"]}
 
 
