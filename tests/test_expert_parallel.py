@@ -450,6 +450,116 @@ def test_resume_with_ep2_is_bitwise_under_zero1_and_zero0(dataset: Path, tmp_pat
     _check_resume(per_rank, [1, 0])
 
 
+# ----------------------------------------------------------------------------- uneven experts: 5 on EP 2
+
+UNEVEN = ("model.moe.num_routed_experts=5", "checkpoint.interval=0", "train.eval_interval=0",
+          "train.deterministic=true", "train.steps=4")
+CLIP = "optimizer.grad_clip=0.05"
+UNEVEN_RUNS = {  # name: (ep_size, ZeRO stage, clip); ZeRO 0 clips by DeepSpeed's mean of per-rank norms
+    "ep1_z2": (1, 2, CLIP), "ep2_z2": (2, 2, CLIP), "ep1_z1": (1, 1, CLIP), "ep2_z1": (2, 1, CLIP),
+    "ep1_z0": (1, 0, "optimizer.grad_clip=0"), "ep2_z0": (2, 0, "optimizer.grad_clip=0"),
+}
+
+
+def _uneven_job(rank: int, world: int, data: str, out: str) -> dict[str, Any]:
+    """5 experts (EP 2: 3 + 2): 3 steps per layout; checkpoints of EP 1 and EP 2 under ZeRO 2, resumed at
+    EP 2, loaded with `checkpoint.init_from` at the other EP size, exported."""
+    from engram_pretrain.export.commands import export_checkpoint
+    from engram_pretrain.export.importer import read_state_dict
+    from engram_pretrain.train.checkpoint import checkpoint_state_dict
+
+    def trainer(name: str, ep: int, stage: int, *extra: str, resume: str | None = None) -> Any:
+        return _trainer(tiny_config(data, f"{out}/{name}", *UNEVEN, f"parallel.ep_size={ep}",
+                                    f"deepspeed.zero_stage={stage}", *extra), resume)
+
+    res: dict[str, Any] = {}
+    for name, (ep, stage, clip) in UNEVEN_RUNS.items():
+        t = trainer(name, ep, stage, clip)
+        stats = [t.train_step() for _ in range(3)]
+        r = {"losses": [s.loss for s in stats], "norms": [s.grad_norm for s in stats], "state": _state(t),
+             "local_experts": [m.experts.num_experts for m in t.components.model.moe_layers()]}
+        if stage == 2:  # checkpoint at step 3, then one more step for the resume to reproduce
+            r["ckpt"] = str(t.save().path)
+            r["loss4"], r["state4"] = t.train_step().loss, _state(t)
+        _close(t)
+        res[name] = r
+    # resume the uneven EP 2 checkpoint at EP 2: DeepSpeed's module file holds EP rank 0's 3 experts
+    t = trainer("ep2_z2", 2, 2, CLIP, resume="auto")
+    res["resume"] = {"step": t.step, "loss4": t.train_step().loss, "state4": _state(t)}
+    _close(t)
+    ckpt1, ckpt2 = res["ep1_z2"]["ckpt"], res["ep2_z2"]["ckpt"]
+    if rank == 0:  # exports consolidate the uneven shards (and serve as an init_from source below)
+        export_checkpoint(ckpt1, f"{out}/hf_ep1")
+        export_checkpoint(ckpt2, f"{out}/hf_ep2")
+        res["export_ep2"] = {k: v.numpy() for k, v in read_state_dict(f"{out}/hf_ep2").items()}
+    dist.barrier()
+    for name, source, ep, stage in (("ep2_ckpt_into_ep1", ckpt2, 1, 2), ("ep1_ckpt_into_ep2", ckpt1, 2, 1),
+                                    ("ep2_export_into_ep2", f"{out}/hf_ep2", 2, 2)):
+        t = trainer(name, ep, stage, CLIP, f"checkpoint.init_from={source}")
+        res[name] = {"state0": _state(t), "loss": t.train_step().loss}
+        _close(t)
+    res["ckpt_state"] = {c: {k: v.numpy() for k, v in checkpoint_state_dict(c).items()}
+                         for c in (ckpt1, ckpt2)}
+    return res
+
+
+@pytest.fixture(scope="module")
+def uneven_runs(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("uneven")
+    return run_distributed(_uneven_job, 2, args=(str(dataset), str(out)), timeout=600)
+
+
+def test_uneven_experts_train_like_ep1_under_zero_0_1_2(uneven_runs: list[dict[str, Any]]) -> None:
+    for rank, r in enumerate(uneven_runs):
+        assert r["ep1_z2"]["local_experts"] == [5, 5] and r["ep2_z2"]["local_experts"] == [(3, 2)[rank]] * 2
+        for name in ("ep2_z2", "ep2_z1"):  # the clip is active: the norm spans 3 + 2 experts
+            ref = r[name.replace("ep2", "ep1")]
+            assert r[name]["losses"] == pytest.approx(ref["losses"], rel=1e-5), name
+            assert r[name]["norms"][0] == pytest.approx(ref["norms"][0], rel=1e-5), name
+            assert r[name]["norms"] == pytest.approx(ref["norms"], rel=2e-3), name
+            _assert_states_close(r[name]["state"], ref["state"])
+        assert min(r["ep1_z2"]["norms"]) > 0.05 and r["ep1_z2"]["losses"][-1] < r["ep1_z2"]["losses"][0]
+        assert r["ep2_z0"]["losses"] == pytest.approx(r["ep1_z0"]["losses"], rel=1e-5)
+        _assert_states_close(r["ep2_z0"]["state"], r["ep1_z0"]["state"])
+    for name in UNEVEN_RUNS:  # both EP ranks gathered the same whole model
+        for key, value in uneven_runs[0][name]["state"].items():
+            assert np.array_equal(value, uneven_runs[1][name]["state"][key]), (name, key)
+
+
+def test_uneven_checkpoint_resumes_bitwise_and_consolidates(uneven_runs: list[dict[str, Any]]) -> None:
+    for r in uneven_runs:
+        straight, resumed = r["ep2_z2"], r["resume"]
+        assert resumed["step"] == 3 and resumed["loss4"] == straight["loss4"]
+        assert resumed["state4"].keys() == straight["state4"].keys()
+        for name, value in straight["state4"].items():
+            assert np.array_equal(resumed["state4"][name], value), name
+        # the checkpoint's consolidated state (the export's source) is the live model at step 3, bitwise
+        saved = r["ckpt_state"][straight["ckpt"]]
+        assert saved.keys() == straight["state"].keys()
+        for name, value in straight["state"].items():
+            assert np.array_equal(saved[name], value), name
+    exported = uneven_runs[0]["export_ep2"]
+    experts = [n for n in uneven_runs[0]["ep2_z2"]["state"] if ".experts." in n]
+    assert experts and all(exported[n].shape[0] == 5 for n in experts)
+    for name in experts:
+        assert np.array_equal(exported[name], uneven_runs[0]["ep2_z2"]["state"][name]), name
+
+
+def test_uneven_checkpoint_loads_at_another_ep_size(uneven_runs: list[dict[str, Any]]) -> None:
+    """checkpoint.init_from: EP 2 (3 + 2 experts) -> EP 1, EP 1 -> EP 2, and the export of the EP 2
+    checkpoint cut to EP 2 ranks: the loaded model equals the source bitwise."""
+    for r in uneven_runs:
+        sources = {"ep2_ckpt_into_ep1": r["ep2_z2"]["ckpt"], "ep1_ckpt_into_ep2": r["ep1_z2"]["ckpt"],
+                   "ep2_export_into_ep2": r["ep2_z2"]["ckpt"]}
+        for name, ckpt in sources.items():
+            want, got = r["ckpt_state"][ckpt], r[name]["state0"]
+            assert got.keys() == want.keys(), name
+            for key, value in want.items():
+                assert np.array_equal(got[key], value), (name, key)
+        # same weights, fresh optimizer, same data: the same first loss at EP 1 and EP 2
+        assert r["ep2_export_into_ep2"]["loss"] == pytest.approx(r["ep2_ckpt_into_ep1"]["loss"], rel=1e-5)
+
+
 # ----------------------------------------------------------------------------- 4 ranks: DP 2 x EP 2
 
 def _four_rank_job(rank: int, world: int, data: str, out: str) -> dict[str, Any]:
