@@ -20,7 +20,7 @@ from engram_pretrain.config import ConfigError, load_config
 from engram_pretrain.model.config import MoEConfig
 from engram_pretrain.model.moe import GroupedExperts, LocalExpertDispatcher, MoE
 from engram_pretrain.parallel.expert_parallel import check_expert_parallel_config
-from engram_pretrain.parallel.groups import expert_parallel_ranks
+from engram_pretrain.parallel.groups import expert_counts, expert_parallel_ranks
 from engram_pretrain.testing.datasets import make_dataset_dir
 from engram_pretrain.testing.distributed import run_distributed
 from engram_pretrain.train.checkpoint import EXPERTS_DIR, check_expert_checkpoint, checkpoint_ep_size
@@ -131,7 +131,7 @@ Cases = dict[str, tuple[tuple[int, ...], range]]
 
 
 def test_uneven_placement_gives_the_first_ranks_one_expert_more() -> None:
-    from engram_pretrain.parallel.groups import expert_bounds, expert_counts
+    from engram_pretrain.parallel.groups import expert_bounds
 
     assert expert_counts(55, 8) == [7] * 7 + [6]  # 55 experts on 8 GPUs
     assert expert_bounds(55, 8) == [0, 7, 14, 21, 28, 35, 42, 49, 55]
@@ -562,25 +562,35 @@ def test_uneven_checkpoint_loads_at_another_ep_size(uneven_runs: list[dict[str, 
 
 # ----------------------------------------------------------------------------- 4 ranks: DP 2 x EP 2
 
-def _four_rank_job(rank: int, world: int, data: str, out: str) -> dict[str, Any]:
+def _four_rank_job(rank: int, world: int, data: str, out: str, num_experts: int, steps: int
+                   ) -> dict[str, Any]:
     res = {}
     for ep in (1, 2, 4):
         cfg = tiny_config(data, f"{out}/ep{ep}", f"parallel.ep_size={ep}", "deepspeed.zero_stage=2",
-                          "train.steps=3", "train.micro_batch_size=1", "optimizer.grad_clip=0.05",
-                          "checkpoint.interval=0", "train.eval_interval=0")
+                          f"train.steps={steps}", "train.micro_batch_size=1", "optimizer.grad_clip=0.05",
+                          "checkpoint.interval=0", "train.eval_interval=0",
+                          f"model.moe.num_routed_experts={num_experts}")
         t = _trainer(cfg)
-        stats = [t.train_step() for _ in range(3)]
+        stats = [t.train_step() for _ in range(steps)]
+        experts = t.components.model.moe_layers()[0].experts
         res[ep] = {"losses": [s.loss for s in stats], "norms": [s.grad_norm for s in stats],
-                   "state": _state(t)}
+                   "state": _state(t), "local_experts": experts.num_experts}
         _close(t)
     return res
 
 
-@pytest.mark.slow
-def test_four_ranks_ep2_and_ep4_match_ep1(dataset: Path, tmp_path: Path) -> None:
-    """EP 2 x DP 2: expert gradients reduced over the expert-data-parallel pairs [0, 2] and [1, 3]."""
-    for r in run_distributed(_four_rank_job, 4, args=(str(dataset), str(tmp_path)), timeout=900):
+@pytest.mark.parametrize("num_experts, steps", [pytest.param(E, 3, marks=pytest.mark.slow), (E_FOUR, 2)],
+                         ids=["4-experts", "7-experts-uneven"])
+def test_four_ranks_ep2_and_ep4_match_ep1(dataset: Path, tmp_path: Path, num_experts: int, steps: int
+                                          ) -> None:
+    """EP 2 x DP 2: expert gradients reduced over the expert-data-parallel pairs [0, 2] and [1, 3]. With 7
+    experts (uneven, not slow: 2 steps) EP 2 holds 4 + 3 experts per rank and EP 4 2 + 2 + 2 + 1."""
+    runs = run_distributed(_four_rank_job, 4, args=(str(dataset), str(tmp_path), num_experts, steps),
+                           timeout=900)
+    counts = {2: expert_counts(num_experts, 2) * 2, 4: expert_counts(num_experts, 4)}
+    for rank, r in enumerate(runs):
         for ep in (2, 4):
+            assert r[ep]["local_experts"] == counts[ep][rank]
             assert r[ep]["losses"] == pytest.approx(r[1]["losses"], rel=1e-5)
             assert r[ep]["norms"] == pytest.approx(r[1]["norms"], rel=1e-4)
             _assert_states_close(r[ep]["state"], r[1]["state"])
