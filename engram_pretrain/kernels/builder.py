@@ -38,7 +38,12 @@ CUDA_KERNEL_SOURCE = KERNEL_DIR / "cuda" / "engram_ops.cu"
 CUDA_HEADER = KERNEL_DIR / "cuda" / "engram_ops.h"
 CHECKS_HEADER = KERNEL_DIR / "include" / "engram_checks.h"
 """Argument checks shared by the CPU ops and the CUDA binding."""
+KERNELS_HEADER = KERNEL_DIR / "include" / "engram_kernels.h"
+"""Per-element bodies and launch configurations shared by the CUDA kernels and their CPU emulation."""
+BINDING_HEADER = KERNEL_DIR / "include" / "engram_binding.h"
+"""Torch-facing ops over a launcher backend, shared by the CUDA binding and the emulation."""
 CUDA_SOURCES = (KERNEL_DIR / "cuda" / "engram_ops_binding.cpp", CUDA_KERNEL_SOURCE)
+EMULATION_SOURCES = (KERNEL_DIR / "emulation" / "engram_cuda_emulation.cpp",)
 MAX_ERROR_CHARS = 6000
 """Compiler output kept in an OpBuildError (the tail, where the first errors usually are not, is
 preceded by the failing command line; set verbose=True in load() for everything)."""
@@ -205,12 +210,22 @@ CPU_BUILDER = OpBuilder(
 CUDA_BUILDER = OpBuilder(
     name="engram_cuda_ops",
     sources=CUDA_SOURCES,
-    depends=(CUDA_HEADER, CHECKS_HEADER),
+    depends=(CUDA_HEADER, CHECKS_HEADER, KERNELS_HEADER, BINDING_HEADER),
     extra_cflags=("-O3",),
     extra_cuda_cflags=("-O3", "--fmad=false"),
     with_cuda=True,
 )
 """CUDA ops (fused multi-head gather, sort + segment-reduce + fused row-sparse Adam)."""
+
+EMULATION_BUILDER = OpBuilder(
+    name="engram_cuda_emulation",
+    sources=EMULATION_SOURCES,
+    depends=(CHECKS_HEADER, KERNELS_HEADER, BINDING_HEADER),
+    extra_cflags=("-O2", "-ffp-contract=off", "-fno-math-errno"),
+)
+"""The CUDA kernels' bodies and launch configurations run on the CPU, one (block, thread) after another
+(tests: the CUDA index arithmetic and dtype paths against the reference). No FMA contraction, like
+`--fmad=false`."""
 
 
 def load_cpu_ops(verbose: bool = False) -> ModuleType:
@@ -223,14 +238,20 @@ def load_cuda_ops(verbose: bool = False) -> ModuleType:
     return CUDA_BUILDER.load(verbose)
 
 
+def load_emulated_cuda_ops(verbose: bool = False) -> ModuleType:
+    """The CPU grid emulation of the CUDA kernels (built on first call; any C++ compiler)."""
+    return EMULATION_BUILDER.load(verbose)
+
+
 def nvcc_check_command(nvcc: str, source: Path, obj: Path, arch: str) -> list[str]:
     """Standalone compile of the plain-CUDA kernels (no torch headers)."""
     return [nvcc, "-c", "-std=c++17", "-O3", "--fmad=false", f"-arch={arch}", f"-I{source.parent}",
-            str(source), "-o", str(obj)]
+            f"-I{KERNELS_HEADER.parent}", str(source), "-o", str(obj)]
 
 
 def compile_check_cuda(archs: tuple[str, ...] = NVCC_CHECK_ARCHS) -> list[Path]:
-    """Compile engram_ops.cu with standalone nvcc for each arch; returns the object files.
+    """Compile engram_ops.cu (and the shared bodies it includes) with standalone nvcc for each arch;
+    returns the object files.
 
     Raises OpBuildError when nvcc is missing or the compile fails (message holds nvcc's output).
     Objects are cached by source/nvcc hash, so the check costs about 20 s once per change.
@@ -242,7 +263,7 @@ def compile_check_cuda(archs: tuple[str, ...] = NVCC_CHECK_ARCHS) -> list[Path]:
     objs = []
     for arch in archs:
         flags = nvcc_check_command("", Path(), Path(), arch)
-        key = _digest((CUDA_KERNEL_SOURCE, CUDA_HEADER), (version, *flags))
+        key = _digest((CUDA_KERNEL_SOURCE, CUDA_HEADER, KERNELS_HEADER), (version, *flags))
         out_dir = cache_root() / f"nvcc-check-{key}"
         obj = out_dir / f"engram_ops.{arch}.o"
         with _file_lock(out_dir.with_suffix(".lock")):

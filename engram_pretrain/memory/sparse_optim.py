@@ -32,6 +32,15 @@ Every rank then holds the identical gradient and applies the identical update, s
 equal. `grad_sync="none"` applies the local gradient only (tables sharded by owner, whose row gradients
 were already routed to the owning rank).
 
+Kernels (`ops`, docs/kernels.md): when `ops` resolves to compiled ops for a table's device (the CUDA ops for
+CUDA tables, the C++ ops for CPU tables with kernel_backend=cpp; `kernels.device_table_ops`), a step without
+exchange runs one fused `sparse_adam_step_nosync_` on the raw (uncoalesced) lookups: sort, duplicate sums in
+fp32 (bf16 gradients included), the update and the row-step bump, with the touched-row count left on the
+device (no host sync; `touched_rows_*` read it when asked). With an exchange, the local and the gathered rows
+are reduced by the ops' `segment_reduce` and applied by `sparse_adam_update_(validate=False)`. Without
+compiled ops (`ops=None` or the torch ops) the torch path below is used; its duplicate sums of bf16/fp16
+gradients are taken in fp32 too.
+
 Memory: exp_avg and exp_avg_sq are dense like the table (fp32 for fp32/bf16 tables, fp64 for fp64), plus
 4 bytes per row of step count: about 2x the table (fp32) + 4 B/row. Time per step is proportional to the
 number of touched rows, not to the table size.
@@ -98,12 +107,40 @@ class RowSparseAdam(torch.optim.Optimizer):
         self.process_group = process_group
         self.grad_sync: GradSync = grad_sync
         self.ops = ops
-        """Kernel ops (`kernels.get_ops(backend)`) whose `sparse_adam_update_` applies the per-row update
-        (the C++/OpenMP op for host tables); None: the torch reference (`kernels.reference`)."""
-        self.touched_rows_last_step = 0
-        """Distinct rows updated by the last step, summed over all tables (after the exchange)."""
-        self.touched_rows_per_table: list[int] = []
-        """The same per table, in parameter order."""
+        """Kernel ops (`kernels.get_ops(backend)`) that step the tables on the devices where they resolve to
+        compiled ops (see the module docstring); None: the torch reference (`kernels.reference`)."""
+        self._touched: list[int | Tensor] = []
+
+    @property
+    def touched_rows_per_table(self) -> list[int]:
+        """Distinct rows updated by the last step per table, in parameter order (after the exchange). Reads
+        counts the fused kernels left on the device (one host sync each on a GPU)."""
+        return [int(t) for t in self._touched]
+
+    @property
+    def touched_rows_last_step(self) -> int:
+        """Distinct rows updated by the last step, summed over all tables."""
+        return sum(self.touched_rows_per_table)
+
+    def check_deferred_errors(self) -> None:
+        """Raise IndexError if a row id outside its table reached the kernels since the last check (the
+        no-sync CUDA path defers the check to here; `state_dict` calls it, i.e. every checkpoint)."""
+        check = getattr(self.ops, "check_deferred_errors", None)
+        if check is not None:
+            check()
+
+    def state_dict(self) -> dict[str, Any]:
+        self.check_deferred_errors()
+        return super().state_dict()
+
+    def _kernels(self, p: Tensor) -> Any | None:
+        """The compiled ops that step `p` (None: the torch path)."""
+        if self.ops is None:
+            return None
+        from ..kernels.dispatch import resolve
+
+        ops = resolve(self.ops, p.device)
+        return None if ops.name == "torch" else ops
 
     # ------------------------------------------------------------------------------------------- state
 
@@ -136,23 +173,40 @@ class RowSparseAdam(torch.optim.Optimizer):
         return dist.get_world_size(self.process_group)
 
     @staticmethod
-    def _local_rows(p: Tensor) -> tuple[Tensor, Tensor]:
-        """(indices [n] int64, values [n, dim]) of p's coalesced sparse gradient (n = 0 without one)."""
+    def _raw_rows(p: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(indices [M], values [M, dim]) of p's sparse gradient as accumulated (duplicates kept), or None
+        without a gradient."""
         g = p.grad
         if g is None:
-            return (torch.zeros(0, dtype=torch.int64, device=p.device),
-                    torch.zeros(0, p.shape[1], dtype=p.dtype, device=p.device))
+            return None
         if not g.is_sparse:
             raise ValueError("RowSparseAdam needs sparse row gradients (the rows that were looked up): build "
                              "the tables with sparse=True (F.embedding(sparse=True)) or use add_row_grad")
         if g.sparse_dim() != 1 or g.dense_dim() != 1 or tuple(g.shape) != tuple(p.shape):
             raise ValueError(f"RowSparseAdam: gradient of shape {tuple(g.shape)} (sparse_dim="
                              f"{g.sparse_dim()}) does not match a row-sparse table {tuple(p.shape)}")
-        g = g.coalesce()
+        return g._indices()[0], g._values()
+
+    def _local_rows(self, p: Tensor, kernels: Any | None) -> tuple[Tensor, Tensor]:
+        """(indices [n] int64 ascending unique, values [n, dim] in the accumulation dtype: fp32 for fp32 and
+        16-bit tables, fp64 for fp64) of p's summed sparse gradient (n = 0 without one)."""
+        raw = self._raw_rows(p)
+        acc = torch.promote_types(p.dtype, torch.float32)
+        if raw is None:
+            return (torch.zeros(0, dtype=torch.int64, device=p.device),
+                    torch.zeros(0, p.shape[1], dtype=acc, device=p.device))
+        idx, vals = raw
+        if kernels is not None:
+            return kernels.segment_reduce(idx, vals)
+        if vals.dtype != acc:  # bf16/fp16 rows summed in fp32
+            from ..kernels import reference
+
+            return reference.segment_reduce(idx, vals)
+        g = p.grad.coalesce()
         return g.indices()[0], g.values()
 
-    def _gather(self, locals_: list[tuple[Tensor, Tensor]],
-                params: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    def _gather(self, locals_: list[tuple[Tensor, Tensor]], params: list[Tensor],
+                kernels: list[Any | None]) -> list[tuple[Tensor, Tensor]]:
         """All-gather every table's rows across the group, sum duplicates, apply the reduction."""
         world = self._world()
         if world == 1:  # `_local_rows` already coalesced them (sorted unique rows); nothing to reduce
@@ -164,11 +218,11 @@ class RowSparseAdam(torch.optim.Optimizer):
         dist.all_gather(all_counts, counts, group=group)
         table = torch.stack(all_counts).cpu()  # [world, num_tables]
         out = []
-        for t, ((idx, val), p) in enumerate(zip(locals_, params, strict=True)):
+        for t, ((idx, val), p, ops) in enumerate(zip(locals_, params, kernels, strict=True)):
             per_rank = table[:, t].tolist()
             width = max(per_rank)
             if width == 0:
-                out.append(self._coalesce(idx, val, p, world))
+                out.append(self._coalesce(idx, val, p, world, ops))
                 continue
             pad = width - idx.numel()
             idx_pad = torch.cat([idx, idx.new_zeros(pad)])
@@ -179,13 +233,18 @@ class RowSparseAdam(torch.optim.Optimizer):
             dist.all_gather(val_all, val_pad, group=group)
             idx_cat = torch.cat([a[:n] for a, n in zip(idx_all, per_rank, strict=True)])
             val_cat = torch.cat([a[:n] for a, n in zip(val_all, per_rank, strict=True)])
-            out.append(self._coalesce(idx_cat, val_cat, p, world))
+            out.append(self._coalesce(idx_cat, val_cat, p, world, ops))
         return out
 
-    def _coalesce(self, idx: Tensor, val: Tensor, p: Tensor, world: int) -> tuple[Tensor, Tensor]:
+    def _coalesce(self, idx: Tensor, val: Tensor, p: Tensor, world: int,
+                  kernels: Any | None) -> tuple[Tensor, Tensor]:
         """Sum duplicate rows (sorted unique ids [n], rows [n, dim]) and divide by `world` for the mean."""
-        g = torch.sparse_coo_tensor(idx.unsqueeze(0), val, tuple(p.shape), check_invariants=False).coalesce()
-        rows, vals = g.indices()[0], g.values()
+        if kernels is not None:
+            rows, vals = kernels.segment_reduce(idx, val)
+        else:
+            g = torch.sparse_coo_tensor(idx.unsqueeze(0), val, tuple(p.shape), check_invariants=False)
+            g = g.coalesce()
+            rows, vals = g.indices()[0], g.values()
         if self.grad_sync == "mean" and world > 1:
             vals = vals / world
         return rows, vals
@@ -200,36 +259,61 @@ class RowSparseAdam(torch.optim.Optimizer):
                 raise ValueError(f"RowSparseAdam.step: lr={lr} must be >= 0")
             for group in self.param_groups:
                 group["lr"] = lr
-        params = [p for g in self.param_groups for p in g["params"]]
-        if not params:
+        groups = [(p, group) for group in self.param_groups for p in group["params"]]
+        if not groups:
             return
-        reduced = self._gather([self._local_rows(p) for p in params], params)
-        touched: list[int] = []
-        i = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                rows, grads = reduced[i]
-                i += 1
+        kernels = [self._kernels(p) for p, _ in groups]
+        touched: list[int | Tensor] = []
+        if self._world() == 1:
+            for (p, group), ops in zip(groups, kernels, strict=True):
+                if ops is not None:
+                    touched.append(self._fused_step(p, group, ops))
+                    continue
+                rows, grads = self._local_rows(p, None)
                 touched.append(int(rows.numel()))
                 if rows.numel() > 0:
-                    self._update(p, rows, grads, group)
-        self.touched_rows_per_table = touched
-        self.touched_rows_last_step = sum(touched)
+                    self._update(p, rows, grads, group, None)
+        else:
+            params = [p for p, _ in groups]
+            reduced = self._gather([self._local_rows(p, ops) for p, ops in zip(params, kernels, strict=True)],
+                                   params, kernels)
+            for (p, group), (rows, grads), ops in zip(groups, reduced, kernels, strict=True):
+                touched.append(int(rows.numel()))
+                if rows.numel() > 0:
+                    self._update(p, rows, grads, group, ops)
+        self._touched = touched
 
-    def _update(self, p: Tensor, rows: Tensor, g: Tensor, group: dict[str, Any]) -> None:
-        """rows: [n] unique ascending int64; g: [n, dim] reduced gradient of those rows."""
-        from ..kernels import reference
-
+    def _hyper(self, p: Tensor, group: dict[str, Any]) -> tuple[dict[str, Tensor], tuple[Any, ...]]:
+        """Count the step of `p`'s table; (state, the update's hyper-parameters lr .. global_step)."""
         state = self._state_of(p)
-        state["step"] += 1
+        state["step"] += 1  # a host tensor
         b1, b2 = group["betas"]
         global_step = int(state["step"]) if group["bias_correction"] == "global" else None
+        return state, (group["lr"], b1, b2, group["eps"], group["weight_decay"], global_step)
+
+    def _fused_step(self, p: Tensor, group: dict[str, Any], ops: Any) -> int | Tensor:
+        """One kernel step on p's raw lookups; the touched-row count (a device tensor from the kernels)."""
+        raw = self._raw_rows(p)
+        if raw is None or raw[0].numel() == 0:  # no lookups: no touched row, the table does not step
+            return 0
+        idx, vals = raw
+        state, hyper = self._hyper(p, group)
+        count = ops.sparse_adam_step_nosync_(p.data, state["exp_avg"], state["exp_avg_sq"], state["row_step"],
+                                             idx, vals, *hyper)
+        torch.autograd.graph.increment_version(p)  # extension ops write through raw pointers
+        return count
+
+    def _update(self, p: Tensor, rows: Tensor, g: Tensor, group: dict[str, Any], ops: Any | None) -> None:
+        """rows: [n] unique ascending int64 (from a coalesce: not checked again); g: [n, dim] reduced gradient
+        of those rows."""
+        from ..kernels import reference
+
+        state, hyper = self._hyper(p, group)
         grads = g.to(device=p.device, dtype=state["exp_avg"].dtype).contiguous()
         args = (p.data, state["exp_avg"], state["exp_avg_sq"], state["row_step"],
-                rows.to(p.device).contiguous(), grads, group["lr"], b1, b2, group["eps"],
-                group["weight_decay"], global_step)
-        if self.ops is None:  # rows come from a coalesce: skip the id checks (host syncs on a GPU)
+                rows.to(p.device).contiguous(), grads, *hyper)
+        if ops is None:
             reference.sparse_adam_update_(*args, check_rows=False)
         else:
-            self.ops.sparse_adam_update_(*args)
+            ops.sparse_adam_update_(*args, validate=False)
         torch.autograd.graph.increment_version(p)  # extension ops write through raw pointers
