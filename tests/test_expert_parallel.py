@@ -1,5 +1,6 @@
-"""Expert parallelism: the all-to-all dispatcher against fp64 loop references on 2 gloo ranks, and EP=2
-training on the real DeepSpeed engine against EP=1 (same losses, gradients and weights), resume with EP=2.
+"""Expert parallelism: the all-to-all dispatcher against fp64 loop references on 2 and 4 gloo ranks, and
+EP=2 (EP=4) training on the real DeepSpeed engine against EP=1 (same losses, gradients and weights), resume
+with EP=2; the same with an expert count that EP does not divide (uneven placement, docs/expert_parallel.md).
 
 References: a per-token fp64 loop over the full expert set (differentiated by autograd) and the local
 dispatcher with all experts; the trainer's EP=1 run is the reference of the EP=2 run.

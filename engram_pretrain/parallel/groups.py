@@ -5,7 +5,8 @@ that DeepSpeed's MoE gradient reduction and our token all-to-all use the same gr
 
 - **expert-parallel group**: `ep_size` consecutive ranks. The routed experts of every MoE layer are split
   over it in contiguous ranges (`expert_bounds`: with q, m = divmod(E, ep) the first m EP ranks hold q + 1
-  experts, the others q, so ep need not divide E); tokens travel inside it by all-to-all.
+  experts, the others q, so ep need not divide E; docs/expert_parallel.md, 'Uneven placement'); tokens
+  travel inside it by all-to-all.
 - **expert-data-parallel group**: the `world / ep_size` ranks with the same EP rank (strided). They hold
   the same experts; expert gradients are averaged over it (and only over it).
 - dense (non-expert) parameters: the whole world, as without EP.
