@@ -28,9 +28,12 @@ sharded: ceil(R / world) rows of each layer on the largest shard (`parallel.tabl
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from .inventory import ModelInventory
-from .layout import DeepSpeedKnobs, Layout
+
+if TYPE_CHECKING:
+    from .layout import DeepSpeedKnobs, Layout
 
 FP32 = 4
 BF16 = 2
