@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_commands(sub)  # export <checkpoint> <out_dir>, import <hf_dir> <run_dir>
     from .experiments.commands import add_commands as add_experiment_commands
     add_experiment_commands(sub)  # experiment ablation, experiment allocation
+    from .planning.commands import add_commands as add_plan_commands
+    add_plan_commands(sub)  # plan <config> --nodes N --gpus-per-node G --gpu h100
     return parser
 
 
