@@ -140,9 +140,11 @@ def check_adam_args(
     if step_per_row.shape != param.shape[:1] or step_per_row.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"step_per_row must be int32/int64 [{param.shape[0]}], got {step_per_row.dtype} "
                          f"{tuple(step_per_row.shape)}")
-    if grads.dim() != 2 or grads.shape[1] != param.shape[1] or grads.dtype not in (state_dtype, param.dtype):
-        raise ValueError(f"grads must be [*, {param.shape[1]}] of the state or param dtype, got "
-                         f"{grads.dtype} {tuple(grads.shape)}")
+    low_grads = state_dtype == torch.float32 and grads.dtype in LOW_PRECISION  # summed/applied in fp32
+    if grads.dim() != 2 or grads.shape[1] != param.shape[1] or not (
+            grads.dtype in (state_dtype, param.dtype) or low_grads):
+        raise ValueError(f"grads must be [*, {param.shape[1]}] of the state or param dtype (or bf16/fp16 "
+                         f"with float32 state), got {grads.dtype} {tuple(grads.shape)}")
     if not (lr >= 0.0 and 0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0 and eps > 0.0):
         raise ValueError(f"sparse Adam: need lr >= 0, 0 <= betas < 1, eps > 0; got lr={lr}, "
                          f"betas=({beta1}, {beta2}), eps={eps}")

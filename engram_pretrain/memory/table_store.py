@@ -48,8 +48,24 @@ class TableStore(nn.Module):
         self.group = group
         """Shard group of sharded tables (None: the world)."""
         self.ops = ops
-        """Kernel ops (`kernels.get_ops`) for host-tier gathers and updates; None: torch indexing."""
+        """Kernel ops (`kernels.get_ops(parallel.kernel_backend)`): host-tier gathers and updates, and the
+        lookups and updates of device tables where they resolve to compiled ops (`device_ops`); None: torch
+        indexing."""
         self.seed = seed
+        self._device_ops: Any | None = None
+        self._device_ops_known = False
+
+    @property
+    def device_ops(self) -> Any | None:
+        """The compiled ops device-resident tables use (`kernels.device_table_ops`: CUDA tables with backend
+        auto|cuda, CPU tables with cpp), None for the torch path. Resolved once (auto may build the CUDA
+        extension here)."""
+        if not self._device_ops_known:
+            from ..kernels.dispatch import device_table_ops
+
+            self._device_ops = device_table_ops(self.ops, self.device)
+            self._device_ops_known = True
+        return self._device_ops
 
     @property
     def sharded(self) -> bool:
@@ -76,7 +92,8 @@ class TableStore(nn.Module):
             elif self.host:
                 table = HostTable(num_rows, dim, self.device, init, ops=self.ops)
             else:
-                table = DeviceTable(nn.Parameter(init(0, num_rows).to(self.device)), sparse=sparse)
+                table = DeviceTable(nn.Parameter(init(0, num_rows).to(self.device)), sparse=sparse,
+                                    ops=self.device_ops)
             self.tables[str(layer_id)] = table.weight
             self.views[layer_id] = table
             return table
@@ -131,13 +148,37 @@ class TableStore(nn.Module):
                 close()
 
 
+class _KernelLookup(torch.autograd.Function):
+    """rows = ops.gather_rows(weight, ids) without a host sync (ids come from the in-model hash; an
+    out-of-range id is reported by `check_deferred_errors`); backward: the sparse row gradient that
+    `F.embedding(sparse=True)` gives (one row per lookup, duplicates summed by the optimizer's kernels)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, flat_ids: torch.Tensor, ops: Any) -> torch.Tensor:
+        ctx.save_for_backward(flat_ids)
+        ctx.weight_shape = tuple(weight.shape)
+        return ops.gather_rows(weight, flat_ids, validate=False)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (ids,) = ctx.saved_tensors
+        rows = grad.reshape(-1, ctx.weight_shape[1])
+        indices = ids.reshape(1, -1).to(torch.int64)
+        return torch.sparse_coo_tensor(indices, rows, ctx.weight_shape, check_invariants=False), None, None
+
+
 class DeviceTable:
     """`EngramTable` view of one `TableStore` parameter. Not an `nn.Module` on purpose: the model keeps it
-    as a plain attribute, so the table stays out of `model.parameters()` and out of DeepSpeed."""
+    as a plain attribute, so the table stays out of `model.parameters()` and out of DeepSpeed.
 
-    def __init__(self, weight: nn.Parameter, sparse: bool = True) -> None:
+    With `ops` (compiled kernel ops for the table's device, `TableStore.device_ops`) sparse lookups gather
+    through `ops.gather_rows`; otherwise through `F.embedding`. Both give the same rows and the same sparse
+    gradient."""
+
+    def __init__(self, weight: nn.Parameter, sparse: bool = True, ops: Any | None = None) -> None:
         self.weight = weight
         self.sparse = sparse
+        self.ops = ops
         self.num_rows, self.dim = int(weight.shape[0]), int(weight.shape[1])
         self.compute_dtype: torch.dtype | None = None
         """Cast the looked-up rows to this dtype (bf16 runs keep the table itself in fp32)."""
@@ -145,8 +186,12 @@ class DeviceTable:
     @torch.compiler.disable  # sparse gradients, host copies and collectives stay out of compiled graphs
     def lookup(self, flat_row_ids: torch.Tensor) -> torch.Tensor:
         """flat_row_ids: [...] int64 (offsets included) -> rows [..., dim]; sparse row gradient."""
-        rows = F.embedding(flat_row_ids, self.weight, sparse=self.sparse)
+        if self.ops is not None and self.sparse:
+            rows = _KernelLookup.apply(self.weight, flat_row_ids, self.ops)
+        else:
+            rows = F.embedding(flat_row_ids, self.weight, sparse=self.sparse)
         return rows if self.compute_dtype is None else rows.to(self.compute_dtype)
 
     def __repr__(self) -> str:
-        return f"DeviceTable(num_rows={self.num_rows}, dim={self.dim}, sparse={self.sparse})"
+        ops = "torch" if self.ops is None else self.ops.name
+        return f"DeviceTable(num_rows={self.num_rows}, dim={self.dim}, sparse={self.sparse}, ops={ops})"

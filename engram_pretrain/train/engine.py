@@ -63,16 +63,15 @@ def build_model(cfg: RunConfig, compression: CompressionMap | None,
 
 def table_store_for(cfg: RunConfig, device: torch.device | str = "cpu",
                     table_group: Any | None = None) -> TableStore:
-    """The `TableStore` of `cfg.parallel` (table_sharding, host_tables, kernel_backend for the host tier)."""
+    """The `TableStore` of `cfg.parallel` (table_sharding, host_tables; kernel_backend for the host tier and
+    for device tables where it resolves to compiled ops: `kernels.device_table_ops`)."""
     p = cfg.parallel
     if p.table_sharding == "sharded" and cfg.model.engram.layers and not dist.is_initialized():
         raise ConfigError("parallel.table_sharding=sharded needs torch.distributed (launch through the "
                           "trainer, torchrun or srun)")
-    ops = None
-    if p.host_tables:
-        from ..kernels import get_ops
+    from ..kernels import get_ops
 
-        ops = get_ops(p.kernel_backend)
+    ops = get_ops(p.kernel_backend) if cfg.model.engram.layers else None
     return TableStore(sharding=p.table_sharding, host=p.host_tables, device=device, group=table_group,
                       ops=ops, seed=cfg.train.seed)
 

@@ -86,8 +86,8 @@ def build_table_optimizer(store: TableStore, cfg: RunConfig) -> Any | None:
     kwargs: dict[str, Any] = dict(lr=o.lr * o.engram_lr_multiplier, betas=(o.betas[0], o.betas[1]), eps=o.eps,
                                   weight_decay=o.engram_weight_decay,
                                   grad_sync="none" if store.sharded else "mean")
-    if not store.host:
-        return RowSparseAdam(params, process_group=None, **kwargs)
+    if not store.host:  # device tables: the compiled ops where they resolve (CUDA, or cpp on CPU), else torch
+        return RowSparseAdam(params, ops=store.device_ops, process_group=None, **kwargs)
     group = None
     if not store.sharded and dist.is_initialized() and dist.get_backend() == "nccl":
         group = dist.new_group(ranks=list(range(dist.get_world_size())), backend="gloo")
