@@ -105,6 +105,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ValueError("--efficiency: must be in (0, 1]")
     if not 0 <= args.dedup < 1:
         raise ValueError("--dedup: must be in [0, 1)")
+    if not 0 < args.usable <= 1:
+        raise ValueError("--usable: must be in (0, 1]")
     report = plan_run(cfg, cluster, Assumptions(args.efficiency, args.dedup, args.usable))
     print(json.dumps(report_dict(report), indent=2) if args.json else render(report))
     return 0
