@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CLI := $(PY) -m engram_pretrain.cli
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all lint docs params clean export import lock test-latest
+.PHONY: setup demo test test-all gpu-check lint docs params clean export import lock test-latest
 IMPORT_DATA ?= data/default
 
 # Installs are reproducible (docs/dependencies.md): every package at the exact version of requirements.lock,
@@ -80,6 +80,10 @@ allocation: setup  ## sparsity allocation sweep -> runs/allocation/PRESET (Figur
 test: setup  ## what CI runs
 	$(PY) -m ruff check engram_pretrain data_prep tests benchmarks tools
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+GPU_PYTHON ?= $(PY)
+gpu-check:  ## on a GPU machine (GPU_PYTHON: a CUDA build of torch): CUDA ops build, gpu tests, 2-step bf16 run
+	$(GPU_PYTHON) tools/gpu_check.py
 
 test-all: setup  ## also the slow tests
 	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)

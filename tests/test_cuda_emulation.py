@@ -240,3 +240,40 @@ def test_row_offsets_beyond_2_to_the_31_are_int64(emu) -> None:
     assert int(count[0]) == 4 and int(flag) == 0
     for a, b in zip(state, want, strict=True):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------- emulation == GPU (gpu)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtypes", ADAM_CONFIGS, ids=lambda c: "-".join(str(t)[6:] for t in c))
+def test_emulation_equals_the_cuda_kernels(emu, dtypes: tuple[torch.dtype, ...]) -> None:
+    """The same bodies on the GPU and emulated on the CPU: gathers and sums bitwise; Adam state bitwise for
+    float32 state (sqrt and division are IEEE on both; only pow(beta, t) may differ by an ulp in fp64,
+    which float32 state rounds away), within an ulp for float64 state."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    cuda = get_ops("cuda")
+    pdt, sdt, gdt, stdt = dtypes
+    rows, d = 3000, 64
+    table = torch.randn(rows, 7, generator=gen(30)).to(pdt)
+    ids = torch.randint(0, rows, (5000,), generator=gen(31))
+    gathered = cuda.gather_rows(table.cuda(), ids.cuda(), validate=False)
+    assert torch.equal(gathered.cpu(), emu.gather_rows(table, ids))
+    grads = torch.randn(5000, d, generator=gen(32)).to(gdt)
+    u_gpu, s_gpu = cuda.segment_reduce(ids.cuda(), grads.cuda())
+    u_cpu, s_cpu = emu.segment_reduce(ids, grads)
+    assert torch.equal(u_gpu.cpu(), u_cpu) and torch.equal(s_gpu.cpu(), s_cpu)
+    cpu_state = adam_state(rows, d, pdt, sdt, stdt, seed=33)
+    gpu_state = [t.cuda() for t in cpu_state]
+    for t in range(3):
+        step_ids = torch.randint(0, rows, (4000,), generator=gen(40 + t))
+        step_grads = torch.randn(4000, d, generator=gen(50 + t)).to(gdt)
+        n_gpu = cuda.sparse_adam_step_nosync_(*gpu_state, step_ids.cuda(), step_grads.cuda(), **HYPER)
+        n_cpu = emu.sparse_adam_step_nosync_(*cpu_state, step_ids, step_grads, **HYPER)
+        assert n_gpu.device.type == "cuda" and int(n_gpu) == int(n_cpu)
+    cuda.check_deferred_errors()
+    for a, b in zip(gpu_state, cpu_state, strict=True):
+        if sdt == torch.float32 or not a.is_floating_point():
+            assert torch.equal(a.cpu(), b)
+        else:
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-15, atol=1e-15)

@@ -150,3 +150,39 @@ def test_two_ranks_exchange_rows_through_the_ops() -> None:
     for key in ("weight", "exp_avg", "exp_avg_sq", "row_step"):
         assert torch.equal(got[0][key], got[1][key])
     _assert_same_training(got[0], want[0])
+
+
+@pytest.mark.gpu
+def test_cuda_device_table_training_has_no_host_sync_and_equals_the_torch_path() -> None:
+    """On a GPU: a CUDA table with backend cuda gathers and steps through the CUDA ops without one host
+    sync (torch's sync debug mode raises on any), in bf16 compute, and equals the torch path."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+
+    def run(ops: Any | None, strict: bool) -> dict[str, torch.Tensor]:
+        store = TableStore(device="cuda", ops=ops, seed=3)
+        table = store.factory(init_std=0.5)(1, ROWS, DIM)
+        table.compute_dtype = torch.bfloat16
+        opt = RowSparseAdam([store.weight(1)], ops=store.device_ops, lr=LR)
+        g = torch.Generator().manual_seed(5)
+        for _ in range(3):
+            ids = torch.randint(0, ROWS, (4, 25), generator=g).cuda()
+            coef = torch.randn(4, 25, DIM, generator=g).cuda().bfloat16()
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error" if strict else "default")
+            try:
+                (table.lookup(ids) * coef).float().sum().backward()
+                opt.step()
+                opt.zero_grad()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        state = opt.state[store.weight(1)]
+        return {"weight": store.weight(1).detach().cpu(), "touched": torch.tensor(opt.touched_rows_last_step),
+                **{k: state[k].cpu() for k in ("exp_avg", "exp_avg_sq", "row_step")}}
+
+    cuda = get_ops("cuda")
+    assert device_table_ops(cuda, "cuda") is cuda and device_table_ops(get_ops("auto"), "cuda") is cuda
+    got, want = run(cuda, strict=True), run(None, strict=False)
+    assert torch.equal(got["touched"], want["touched"]) and torch.equal(got["row_step"], want["row_step"])
+    for key in ("exp_avg", "exp_avg_sq", "weight"):
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7, msg=key)

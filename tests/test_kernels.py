@@ -1,5 +1,6 @@
 """Custom ops: the torch reference against fp64 loops, the C++ ops against the reference, dispatch,
-the JIT builder, the standalone nvcc compile check of the CUDA kernels, and (marked gpu) the CUDA ops.
+the JIT builder, the standalone nvcc compile check of the CUDA kernels and the syntax check of their
+binding, and (marked gpu) the CUDA ops. The CUDA kernels' bodies run on the CPU in test_cuda_emulation.py.
 
 The C++ extension is built once per session (cached under ~/.cache/engram_pretrain/ops, so later runs
 load it in about a second); a failed build fails the tests, only a missing compiler skips them.
@@ -495,6 +496,20 @@ def test_nvcc_compile_check_of_cuda_kernels(nvcc_check: Future) -> None:
                                  text=True, check=True).stdout
         for name in declared:
             assert f" T engram::{name}(" in symbols, name
+
+
+def test_cuda_binding_syntax_check() -> None:
+    """The torch binding of the CUDA ops (and the binding header it shares with the CPU emulation)
+    compiles against this torch's headers and the CUDA runtime headers; no CUDA build of torch needed."""
+    if bld.nvcc_path() is None or bld.cxx_compiler() is None:
+        pytest.skip("nvcc's toolkit or a C++ compiler is missing: CUDA binding not syntax-checked")
+    try:
+        marker = bld.syntax_check_cuda_binding()
+    except OpBuildError as err:
+        if "not found" in str(err):
+            pytest.skip(str(err))
+        raise
+    assert marker.exists()
 
 
 # ----------------------------------------------------------------------------------------------------

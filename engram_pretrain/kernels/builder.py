@@ -279,3 +279,46 @@ def compile_check_cuda(archs: tuple[str, ...] = NVCC_CHECK_ARCHS) -> list[Path]:
                 tmp.replace(obj)
         objs.append(obj)
     return objs
+
+
+def syntax_check_cuda_binding() -> Path:
+    """Compile-check (`-fsyntax-only`) the CUDA torch binding and the shared binding header against this
+    torch's headers and the CUDA toolkit's runtime headers, without a CUDA build of torch or a GPU. A CPU
+    build of torch ships the c10/cuda headers but not their generated `cuda_cmake_macros.h`, which an empty
+    stand-in replaces. Returns the marker file of a passed check (cached by sources, torch, compiler).
+
+    Raises OpBuildError when nvcc's toolkit or a C++ compiler is missing, or the check fails."""
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    nvcc, cxx = nvcc_path(), cxx_compiler()
+    if nvcc is None or cxx is None:
+        raise OpBuildError("the binding syntax check needs nvcc's toolkit (CUDA headers) and a C++ compiler")
+    homes = [Path(h) for h in (os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda") if h]
+    homes.insert(0, Path(nvcc).resolve().parent.parent)
+    found = [h / "include" for h in homes if (h / "include" / "cuda_runtime.h").exists()]
+    if not found:
+        raise OpBuildError(f"cuda_runtime.h not found under {[str(h / 'include') for h in homes]}")
+    cuda_include = found[0]
+    sources = (CUDA_SOURCES[0], CUDA_HEADER, CHECKS_HEADER, KERNELS_HEADER, BINDING_HEADER)
+    key = _digest(sources, (torch.__version__, cxx, str(cuda_include)))
+    out_dir = cache_root() / f"binding-check-{key}"
+    marker = out_dir / "ok"
+    with _file_lock(out_dir.with_suffix(".lock")):
+        if not marker.exists():
+            stub = out_dir / "stub" / "c10" / "cuda" / "impl"
+            stub.mkdir(parents=True, exist_ok=True)
+            (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
+            includes = [f"-I{KERNEL_DIR / 'include'}", f"-I{KERNEL_DIR / 'cuda'}", "-isystem",
+                        str(out_dir / "stub")]
+            for path in (*cpp_extension.include_paths(), str(cuda_include), sysconfig.get_paths()["include"]):
+                includes += ["-isystem", path]
+            cmd = [cxx, "-std=c++17", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=engram_binding_check",
+                   *includes, str(CUDA_SOURCES[0])]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise OpBuildError(f"CUDA binding syntax check failed ({' '.join(cmd)}):\n"
+                                   f"{proc.stdout}{proc.stderr}"[-MAX_ERROR_CHARS:])
+            marker.write_text(" ".join(cmd))
+    return marker
