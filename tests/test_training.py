@@ -662,40 +662,88 @@ def test_guarded_adamw_checks_gradients_only_without_zero() -> None:
     assert opt.overflow and torch.equal(model.weight.detach(), before)
 
 
-# Host-sync sites of one training step (ZeRO-2, MoE + Engram, replicated tables), as `HostSyncRecorder`
-# names them. A GPU waits for the host at each; removing them is tracked in docs/training.md. A new site
-# fails the test below: remove it, or add it here with the reason.
+# Device syncs of one training step and an evaluation (ZeRO-2, MoE + Engram, expert-parallel over 2 ranks,
+# every table layout), as the device-strict mode's recorder names them (reads of host tensors, e.g. of the
+# step's host copy, are no syncs and not listed). A GPU waits for the host at each; docs/training.md
+# ("Host syncs of a step") says why each remains. A new site fails the test below: remove it, or add it
+# here with the reason.
 KNOWN_SYNC_SITES = {
     # DeepSpeed's own step (gradient norm, overflow check, bucket bookkeeping)
     "engram_pretrain.train.loop:_optimizer_step: engine.step()",
-    # torch AdamW reads its step counters on the host (capturable=False)
-    "engram_pretrain.train.optimizers:step: return super().step(closure)",
-    # the one device-to-host copy of the step's all-reduced totals, and reads of that host copy
+    # the one device-to-host copy of the step: the all-reduced totals, loads and the gradient norm
     "engram_pretrain.train.loop:_optimizer_step: packed = packed.cpu()",
-    "engram_pretrain.train.loop:_optimizer_step: mean_loss = float(packed[0]) / (cfg.train.grad_accum_steps * world)",  # noqa: E501
-    "engram_pretrain.train.loop:_optimizer_step: skipped = bool(packed[1] > 0) or not applied_by_engine",
-    "engram_pretrain.train.loop:_optimizer_step: if bool(packed[1] > 0) and applied_by_engine:",
-    "engram_pretrain.train.loop:_optimizer_step: stop=bool(packed[2] > 0), grad_norm=norm, lr=lr, table_lr=table_lr,",  # noqa: E501
-    "engram_pretrain.train.loop:_optimizer_step: norm = None if norm is None else float(norm)",
-    # the local expert dispatcher splits the sorted slots by per-expert counts (host ints)
+    # the mean validation loss of an evaluation (once per eval, not per step)
+    "engram_pretrain.train.loop:evaluate: return float(total[0] / total[1])",
+    # replicated tables: the padded all-gather of the row gradients needs every rank's row count on the
+    # host (one copy per step for all tables)
+    "engram_pretrain.memory.sparse_optim:_gather: table = torch.stack(all_counts).cpu()  # [world, num_tables]",  # noqa: E501
+    # sharded tables: uneven all_to_all_single takes host split sizes (one copy per id exchange)
+    "engram_pretrain.parallel.table_shard:_exchange_ids: send_counts, recv_counts = torch.stack([send, recv]).tolist()",  # noqa: E501
+    # sharded host tables: whether every rank's prefetch matches is host control flow (one flag per lookup)
+    "engram_pretrain.parallel.table_shard:_take_plan: if int(flag.item()) == 1:",
+    # host tables: a lookup that was not prefetched (evaluation) copies its ids to the host for the gather
+    # (training lookups are prefetched: the copy runs on the gather thread, off the step's critical path)
+    'engram_pretrain.memory.host_tables:_gather_host: ids = local_ids.to("cpu", dtype=torch.int64)',
+    # expert parallelism: uneven all_to_all_single takes host split sizes (one copy per dispatch)
+    "engram_pretrain.parallel.expert_parallel:__call__: counts = torch.cat([send_counts, recv_counts]).cpu()  # one host copy for both",  # noqa: E501
+    # the local expert dispatcher splits the sorted slots by per-expert counts (host ints; ep_size=1 runs;
+    # docs/training.md: torch 2.13's grouped matmul has no CPU backward and no fp64)
     "engram_pretrain.model.moe:__call__: y = experts.forward_sorted(x_sorted, counts.tolist()).to(acc_dtype)"
     "  # [N*K, D] sorted-slot order",
 }
 
-
-def _sync_sites_job(rank: int, world: int, data: str, out: str) -> list[str]:
-    from engram_pretrain.testing.host_sync import HostSyncRecorder
-
-    trainer = _trainer(tiny_config(data, out, "train.steps=3", "checkpoint.interval=0", "train.eval_interval=0",  # noqa: E501
-                                   "train.log_interval=0"))
-    trainer.train_step()  # warm-up: first-step allocations and lazy initialisation
-    with HostSyncRecorder() as rec:
-        trainer.train_step()
-    _close(trainer)
-    return sorted(rec.sites)
+STRICT_LAYOUTS = {
+    "replicated": [], "sharded": ["parallel.table_sharding=sharded"], "host": ["parallel.host_tables=true"],
+    "sharded_host": ["parallel.table_sharding=sharded", "parallel.host_tables=true"],
+}
 
 
-def test_a_training_step_has_no_new_host_syncs(dataset: Path, tmp_path: Path) -> None:
-    sites = set(run_distributed(_sync_sites_job, 1, args=(str(dataset), str(tmp_path / "run")))[0])
-    assert "engram_pretrain.train.loop:_optimizer_step: engine.step()" in sites  # the guard sees syncs
-    assert sites <= KNOWN_SYNC_SITES, f"new host syncs in the training step: {sorted(sites - KNOWN_SYNC_SITES)}"  # noqa: E501
+def _strict_steps_job(rank: int, world: int, data: str, out: str, extra: list[str]) -> dict[str, Any]:
+    """Per layout: a first step, then a step and an evaluation whose syncs are recorded, all device-strict."""
+    from engram_pretrain.testing.device_strict import (
+        device_strict,
+        host_groups_of,
+        host_resident_tensors,
+        strict_training_device,
+    )
+
+    results = {}
+    for name, overrides in STRICT_LAYOUTS.items():
+        with strict_training_device():
+            trainer = _trainer(tiny_config(data, f"{out}/{name}", "train.steps=3", "checkpoint.interval=0",
+                                           *extra, *overrides))
+        c = trainer.components
+        groups = host_groups_of(c)
+        with device_strict(groups, host_resident_tensors(c)):
+            trainer.train_step()  # first step: lazy state (optimizer moments, step counters) made in the mode
+        with device_strict(groups, host_resident_tensors(c)) as strict:
+            trainer.train_step()
+            val = trainer.evaluate()
+        results[name] = {"checked": strict.mode.collectives_checked, "syncs": sorted(strict.sync_sites),
+                         "val": val, "device": str(c.device)}
+        _close(trainer)
+    return results
+
+
+@pytest.fixture(scope="module")
+def strict_steps(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("strict")
+    return run_distributed(_strict_steps_job, 2, args=(str(dataset), str(out), ["parallel.ep_size=2"]))
+
+
+def test_training_steps_are_device_strict(strict_steps: list[dict[str, Any]]) -> None:
+    """Every layout steps and evaluates with no host tensor in a collective or a device op (the job raises
+    otherwise), its collectives were checked, and its syncs are known."""
+    for rank in strict_steps:
+        assert set(rank) == set(STRICT_LAYOUTS)
+        for name, r in rank.items():
+            assert r["device"] == "cpu:0" and math.isfinite(r["val"]), name
+            assert r["checked"] > 0, name
+    assert strict_steps[0]["replicated"]["val"] == strict_steps[1]["replicated"]["val"]
+
+
+def test_a_training_step_has_no_new_host_syncs(strict_steps: list[dict[str, Any]]) -> None:
+    for name in STRICT_LAYOUTS:
+        sites = set(strict_steps[0][name]["syncs"])
+        assert "engram_pretrain.train.loop:_optimizer_step: packed = packed.cpu()" in sites  # the guard sees
+        assert sites <= KNOWN_SYNC_SITES, f"{name}: new host syncs in the step: {sorted(sites - KNOWN_SYNC_SITES)}"  # noqa: E501

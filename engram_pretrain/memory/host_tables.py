@@ -86,12 +86,25 @@ def init_table_rows(seed: int, layer: int, num_rows: int, dim: int, std: float, 
 # ---------------------------------------------------------------------------- lookups
 
 def check_row_ids(ids: Tensor, num_rows: int) -> None:
-    """Raise for non-integer ids or ids outside [0, num_rows)."""
+    """Raise for non-integer ids or ids outside [0, num_rows).
+
+    No host sync: the range is checked by a device-side assert (`torch._assert_async`). On a GPU an
+    out-of-range id fails the next synchronising call ("device-side assert triggered"; the id came from a
+    bug, the run cannot continue); on the CPU the assert is immediate and re-raised as an IndexError with
+    the offending range (docs/training.md, "Host syncs of a step")."""
     if ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"engram row ids must be int64 or int32, got {ids.dtype}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_rows):
-        raise IndexError(f"engram row ids out of range [0, {num_rows}): min {int(ids.min())}, "
-                         f"max {int(ids.max())}")
+    if not ids.numel():
+        return
+    in_range = ((ids >= 0) & (ids < num_rows)).all()
+    message = f"engram row ids out of range [0, {num_rows})"
+    if ids.is_cuda:
+        torch._assert_async(in_range, message)
+        return
+    try:
+        torch._assert_async(in_range, message)
+    except RuntimeError:
+        raise IndexError(f"{message}: min {int(ids.min())}, max {int(ids.max())}") from None
 
 
 @dataclass

@@ -170,11 +170,7 @@ class ShardedTable:
         self.bounds = shard_bounds(num_rows, self.world)
         self.row_start, self.row_end = self.bounds[self.rank], self.bounds[self.rank + 1]
         self.device = torch.device(device)
-        if dist.get_backend(group) == "nccl":
-            self.comm_device = self.device if self.device.type == "cuda" else \
-                torch.device("cuda", torch.cuda.current_device())
-        else:
-            self.comm_device = torch.device("cpu")
+        self.comm_device = self._comm_device(dist.get_backend(group))
         rows = init_rows(self.row_start, self.row_end)
         if tuple(rows.shape) != (self.row_end - self.row_start, dim):
             raise ValueError(f"ShardedTable: init_rows({self.row_start}, {self.row_end}) gave "
@@ -190,6 +186,14 @@ class ShardedTable:
         self._ends = torch.tensor(self.bounds[1:], dtype=torch.int64, device=self.comm_device)
         self._queue = PrefetchQueue(max_pending)
         self.dropped_prefetches = 0
+
+    def _comm_device(self, backend: str) -> torch.device:
+        """Where the exchange's tensors live: the compute device (NCCL: a GPU; gloo on a CPU run: the CPU
+        training device, so the CPU suite takes the path a GPU run takes), the host for gloo with a GPU."""
+        if backend == "nccl":
+            return self.device if self.device.type == "cuda" else \
+                torch.device("cuda", torch.cuda.current_device())
+        return self.device if self.device.type == "cpu" else torch.device("cpu")
 
     @property
     def host(self) -> bool:
@@ -209,7 +213,8 @@ class ShardedTable:
         send = torch.bincount(owners, minlength=self.world)  # [W] int64
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
-        send_counts, recv_counts = send.tolist(), recv.tolist()
+        # the one host sync of an exchange: uneven all_to_all_single takes its split sizes as host ints
+        send_counts, recv_counts = torch.stack([send, recv]).tolist()
         requested = base.unique.new_empty(sum(recv_counts))  # [served] global ids
         dist.all_to_all_single(requested, base.unique, recv_counts, send_counts, group=self.group)
         self.last_exchange = ExchangeStats(

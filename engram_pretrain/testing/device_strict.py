@@ -25,7 +25,8 @@ training device, and its own collectives are not checked (its buffers are on the
 Python-level custom autograd backwards (`torch.autograd.Function`) run inside the mode too; the C++ engine's
 own backward kernels are not seen. The mode is thread-local: background threads (host-tier gathers) are not
 tracked, their results only cross by `copy_`. `device_strict(...)` combines it with the host-sync recorder
-(`testing.host_sync`). Rules and what the mode found: docs/training.md, "Device-strict mode".
+(`testing.host_sync`), which then leaves out reads of host tensors (no GPU sync). Rules and what the
+mode found: docs/training.md, "Device-strict mode".
 """
 
 from __future__ import annotations
@@ -220,6 +221,8 @@ class DeviceStrictMode(TorchFunctionMode):
         out = func(*args, **kwargs)
         if host and name not in CROSSING and len(host) == len(inputs):
             self._mark_outputs(out, getattr(host[0], _HOST))
+        elif name == "__getitem__" and is_host(args[0]):  # an index of a host tensor is a host tensor
+            self._mark_outputs(out, getattr(args[0], _HOST))
         return out
 
     @staticmethod
@@ -345,6 +348,44 @@ def _modes_in_custom_backward(modes: list[TorchFunctionMode]) -> Iterator[None]:
         BackwardCFunction.apply = original  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def _kernel_outputs_follow_inputs() -> Iterator[None]:
+    """Compiled kernel ops (`kernels.dispatch`) are opaque to the mode: their tensor results are placed
+    like their tensor inputs (the ops check that the inputs share a device, through `tensor.device`)."""
+    from ..kernels import dispatch
+
+    classes = [c for c in vars(dispatch).values() if isinstance(c, type) and issubclass(c, dispatch.TorchOps)]
+    originals = [(c, n, f) for c in classes for n, f in list(vars(c).items())
+                 if callable(f) and not n.startswith("_")]
+
+    def wrap(fn: Any) -> Any:
+        def placed(*args: Any, **kwargs: Any) -> Any:
+            host = [t for t in _tensors(list(args) + list(kwargs.values())) if is_host(t)]
+            out = fn(*args, **kwargs)
+            if host:
+                DeviceStrictMode._mark_outputs(out, getattr(host[0], _HOST))
+            return out
+
+        return placed
+
+    try:
+        for c, name, fn in originals:
+            setattr(c, name, wrap(fn))
+        yield
+    finally:
+        for c, name, fn in originals:
+            setattr(c, name, fn)
+
+
+class _DeviceSyncRecorder(HostSyncRecorder):
+    """`HostSyncRecorder` that knows host tensors: reading one (`float(host_copy[0])`) is no GPU sync."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if args and isinstance(args[0], torch.Tensor) and is_host(args[0]):
+            return func(*args, **(kwargs or {}))
+        return super().__torch_function__(func, types, args, kwargs)
+
+
 class Strict:
     """What `device_strict` yields: the placement mode and the host-sync recorder of the block."""
 
@@ -364,8 +405,9 @@ def device_strict(host_groups: Iterable[Any] = (),
     (`HostSyncRecorder`); `host_tensors` are marked as host first. Use on a trainer built inside
     `strict_training_device()`."""
     mark_host(host_tensors)
-    mode, recorder = DeviceStrictMode(host_groups), HostSyncRecorder()
-    with _patched_collectives(mode), _modes_in_custom_backward([mode, recorder]), mode, recorder:
+    mode, recorder = DeviceStrictMode(host_groups), _DeviceSyncRecorder()
+    with (_patched_collectives(mode), _kernel_outputs_follow_inputs(),
+          _modes_in_custom_backward([mode, recorder]), mode, recorder):
         yield Strict(mode, recorder)
 
 

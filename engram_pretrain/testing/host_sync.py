@@ -49,7 +49,7 @@ class HostSyncRecorder(TorchFunctionMode):
     def _site() -> str:
         for frame in reversed(traceback.extract_stack()):
             path = Path(frame.filename).resolve()
-            if path != THIS and PACKAGE in path.parents:
+            if path.parent != THIS.parent and PACKAGE in path.parents:  # not the testing helpers
                 module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
                 return f"{module}:{frame.name}: {(frame.line or '').strip()}"
         return "<outside engram_pretrain>"

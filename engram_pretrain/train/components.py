@@ -34,6 +34,13 @@ class TrainComponents:
     """Expert-parallel groups and dispatcher (None when `parallel.ep_size` is 1)."""
 
     @property
+    def device(self) -> torch.device:
+        """The training device (`dist.device`: `cuda:<local rank>` or the CPU), where the step's tensors and
+        collectives live (DeepSpeed's `engine.device` is the same device; on a CPU it may be spelled
+        differently, see docs/training.md, "Device-strict mode")."""
+        return self.dist.device
+
+    @property
     def zero_stage(self) -> int:
         return int(self.ds_config["zero_optimization"]["stage"])
 

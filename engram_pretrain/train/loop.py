@@ -182,7 +182,7 @@ class Trainer:
         from .schedule import lr_multiplier
 
         c, cfg = self.components, self.cfg
-        engine, device = c.engine, c.engine.device
+        engine, device = c.engine, c.device
         start = time.perf_counter()
         lr, table_lr = set_learning_rates(c, lr_multiplier(self.step, cfg.train.steps, cfg.schedule))
         skipped_before = engine.skipped_steps
@@ -211,7 +211,12 @@ class Trainer:
         stop = torch.full((1,), stopping, dtype=torch.float64, device=device)
         packed = torch.cat([totals, stop] + [m.load_accum.detach().double().to(device) for m in moes])
         dist.all_reduce(packed)  # one collective of the step, on the training device
+        norm = engine.get_global_grad_norm()  # global already (a device tensor under ZeRO, or a float)
+        if torch.is_tensor(norm):  # copied with the totals: one device-to-host copy per step
+            packed = torch.cat([packed, norm.detach().reshape(1).to(packed)])
         packed = packed.cpu()
+        if torch.is_tensor(norm):
+            norm, packed = float(packed[-1]), packed[:-1]
         world = c.dist.world_size
         mean_loss = float(packed[0]) / (cfg.train.grad_accum_steps * world)
         skipped = bool(packed[1] > 0) or not applied_by_engine
@@ -228,7 +233,6 @@ class Trainer:
                 m.load_accum.zero_()
         if c.table_optimizer is not None:
             c.table_optimizer.zero_grad()
-        norm = engine.get_global_grad_norm()
         norm = None if norm is None else float(norm)
         return StepStats(loss=mean_loss if not skipped else float("nan"), skipped=skipped,
                          stop=bool(packed[2] > 0), grad_norm=norm, lr=lr, table_lr=table_lr,
@@ -236,7 +240,7 @@ class Trainer:
 
     def _prefetch(self, batch: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Row ids of `batch`, whose table rows start gathering now (host tables; collective if sharded)."""
-        row_ids = self.components.row_ids(batch["input_ids"].to(self.components.engine.device))
+        row_ids = self.components.row_ids(batch["input_ids"].to(self.components.device))
         self.components.prefetch_tables(row_ids)
         return row_ids
 
@@ -262,10 +266,10 @@ class Trainer:
             return None
         c = self.components
         c.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=c.engine.device)  # [loss sum, batches]
+        total = torch.zeros(2, dtype=torch.float64, device=c.device)  # [loss sum, batches]
         for batch in self.valid_batches:
-            input_ids = batch["input_ids"].to(c.engine.device)
-            out = c.engine(input_ids, labels=batch["labels"].to(c.engine.device),
+            input_ids = batch["input_ids"].to(c.device)
+            out = c.engine(input_ids, labels=batch["labels"].to(c.device),
                            engram_row_ids=c.row_ids(input_ids))
             total[0] += out.lm_loss.detach().double()
             total[1] += 1.0

@@ -75,7 +75,7 @@ def build_table_optimizer(store: TableStore, cfg: RunConfig) -> Any | None:
     Replicated tables average the row gradients over the data-parallel ranks (`grad_sync="mean"`); sharded
     tables already received them on the owner (`ShardedTable` divides by the world: the same mean), so each
     rank steps its own rows (`"none"`). Host tables are stepped by the store's kernel ops (C++ sparse Adam
-    on the host); replicated host tables exchange their row gradients over a gloo group under NCCL.
+    on the host); replicated host tables exchange their row gradients over a gloo group of their own.
     Collective (may create a process group)."""
     if not store.tables:
         return None
@@ -89,6 +89,8 @@ def build_table_optimizer(store: TableStore, cfg: RunConfig) -> Any | None:
     if not store.host:  # device tables: the compiled ops where they resolve (CUDA, or cpp on CPU), else torch
         return RowSparseAdam(params, ops=store.device_ops, process_group=None, **kwargs)
     group = None
-    if not store.sharded and dist.is_initialized() and dist.get_backend() == "nccl":
+    if not store.sharded and dist.is_initialized() and dist.get_world_size() > 1:
+        # host rows never enter the default group (NCCL has no CPU tensors): a gloo group of their own
+        # under every backend, so the gloo suite runs what a GPU run does (docs/training.md, device-strict)
         group = dist.new_group(ranks=list(range(dist.get_world_size())), backend="gloo")
     return RowSparseAdam(params, ops=store.ops, process_group=group, **kwargs)
