@@ -311,7 +311,8 @@ def _fake_checkpoint(model: EngramMoEModel, root: Path, table_format: int = 2, e
             torch.save({"ep_size": ep_size, "ep_rank": r, "weights": shard,
                         "expert_range": [r * local, (r + 1) * local]},
                        step / "experts" / f"ep_rank_{r:05d}.pt")
-        (step / "experts" / "meta.json").write_text(json.dumps({"ep_size": ep_size, "weights": names}))
+        meta = {"ep_size": ep_size, "num_experts": ep_size * local, "weights": names}
+        (step / "experts" / "meta.json").write_text(json.dumps(meta))
         state = {k: v[:local].clone() if k in names else v for k, v in state.items()}
     torch.save({"module": state}, step / "ds" / "mp_rank_00_model_states.pt")
     cfg = RunConfig()

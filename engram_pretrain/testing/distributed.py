@@ -10,11 +10,13 @@ exception on any rank is re-raised in the caller with that rank's traceback.
 
 from __future__ import annotations
 
+import io
 import os
 import traceback
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.multiprocessing as mp
 
 from ..train.distributed import free_port
@@ -27,18 +29,25 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args:
                        "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                        "LOCAL_WORLD_SIZE": str(world_size), "DS_ACCELERATOR": "cpu",
                        "OMP_NUM_THREADS": "1"})
-    import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        queue.put((rank, True, fn(rank, world_size, *args)))
+        queue.put((rank, True, _serialised(fn(rank, world_size, *args))))
     except BaseException:  # report every failure to the parent, which re-raises it
         queue.put((rank, False, traceback.format_exc()))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _serialised(value: Any) -> bytes:
+    """`value` as torch.save bytes: tensors travel by value, not as shared-memory handles that die with the
+    worker before the parent reads them."""
+    buf = io.BytesIO()
+    torch.save(value, buf)
+    return buf.getvalue()
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, args: tuple[Any, ...] = (),
@@ -57,7 +66,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, args: tuple[Any, ..
         for _ in range(world_size):
             rank, ok, value = queue.get(timeout=timeout)
             if ok:
-                results[rank] = value
+                results[rank] = torch.load(io.BytesIO(value), weights_only=False)
             else:
                 errors.append(f"rank {rank} failed:\n{value}")
                 break

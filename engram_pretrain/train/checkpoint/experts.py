@@ -95,8 +95,12 @@ def read_expert_weights(step_dir: str | Path) -> dict[str, torch.Tensor] | None:
     shards = [torch.load(f, map_location="cpu", weights_only=True) for f in sorted(root.glob("ep_rank_*.pt"))]
     shards.sort(key=lambda sh: sh["expert_range"][0])
     ranges = [tuple(sh["expert_range"]) for sh in shards]
-    if [r[0] for r in ranges] != [0] + [r[1] for r in ranges[:-1]] or ranges[-1][1] != meta["num_experts"]:
-        raise ValueError(f"{root}: the expert shards {ranges} do not cover the {meta['num_experts']} "
+    if not ranges:
+        raise ValueError(f"{root}: meta.json but no ep_rank_*.pt expert shards")
+    # checkpoints written before uneven placement split evenly and did not record the count
+    total = meta.get("num_experts", int(meta["ep_size"]) * (ranges[0][1] - ranges[0][0]))
+    if [r[0] for r in ranges] != [0] + [r[1] for r in ranges[:-1]] or ranges[-1][1] != total:
+        raise ValueError(f"{root}: the expert shards {ranges} do not cover the {total} "
                          "routed experts in contiguous ranges (a shard missing?)")
     return {name: torch.cat([sh["weights"][name] for sh in shards]) for name in meta["weights"]}
 
