@@ -79,7 +79,7 @@ allocation: setup  ## sparsity allocation sweep -> runs/allocation/PRESET (Figur
 
 test: setup  ## what CI runs
 	$(PY) -m ruff check engram_pretrain data_prep tests benchmarks tools
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 GPU_PYTHON ?= $(PY)
 gpu-check:  ## on a GPU machine (GPU_PYTHON: a CUDA build of torch): CUDA ops build, gpu tests, 2-step bf16 run
