@@ -135,11 +135,13 @@ class TrainLoopConfig:
     """Use deterministic algorithms (exact resume tests)."""
     compile: bool = False
     """`torch.compile` each transformer block (inductor; the first steps compile: minutes on a CPU)."""
-    activation_checkpointing: Literal["none", "full"] = "none"
-    """Activation recompute: `full` frees every checkpointed block's activations after the forward and
-    recomputes them in the backward (gradients unchanged; MoE loads counted once)."""
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """Activation recompute (gradients unchanged; MoE loads counted once): `full` frees a recomputed
+    block's activations after the forward and recomputes the block in the backward; `selective` drops only
+    the cheap, memory-heavy outputs (mHC coefficients and stream mixes, RMSNorms, SwiGLU activations, the
+    Engram gate and short conv) and keeps matmul outputs, lookups and collectives (docs/training.md)."""
     activation_checkpointing_every: int = 1
-    """With `full`: checkpoint blocks 0, n, 2n, ... (1: every block)."""
+    """With `full` or `selective`: recompute blocks 0, n, 2n, ... (1: every block)."""
 
 
 @dataclass
@@ -283,6 +285,8 @@ class RunConfig:
         _need(t.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
         _need(t.grad_accum_steps > 0, "train.grad_accum_steps", "must be positive")
         _need(t.activation_checkpointing_every >= 1, "train.activation_checkpointing_every", "must be >= 1")
+        _need(not (t.compile and t.activation_checkpointing == "selective"), "train.activation_checkpointing",
+              "selective recompute runs eager (saved-tensor hooks); use full with train.compile")
         _need(self.deepspeed.zero_stage in (None, 0, 1, 2, 3), "deepspeed.zero_stage", "must be 0-3")
         _need(p.ep_size >= 1, "parallel.ep_size", "must be >= 1")
         _need(p.ep_size <= self.model.moe.num_routed_experts, "parallel.ep_size",

@@ -155,11 +155,12 @@ def test_engram_layers_need_addressing() -> None:
         EngramMoEModel(tiny_config())
 
 
-def _compile_config() -> Any:
+def _compile_config(extra: list[str] | None = None) -> Any:
     from engram_pretrain.config import load_config
 
-    return load_config(None, ["model.vocab_size=96", "model.hidden_size=32", "model.num_layers=3",
-                              "model.attention.num_heads=2", "model.moe.num_routed_experts=4",
+    return load_config(None, [*(extra or []), "model.vocab_size=96", "model.hidden_size=32",
+                              "model.num_layers=3", "model.attention.num_heads=2",
+                              "model.moe.num_routed_experts=4",
                               "model.moe.expert_dim=16", "model.engram.layers=[1]", "model.engram.d_mem=16",
                               "model.engram.num_heads=2", "model.engram.base_table_size=[101]",
                               "model.engram.token_compression=false", "train.compile=true"])
@@ -195,32 +196,52 @@ def test_compiled_blocks_match_eager_outputs_and_gradients() -> None:
         torch.testing.assert_close(grads[1][name], g, rtol=0, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("every, aux", [(1, 0.0), (2, 0.01)])
-def test_activation_recompute_gives_the_same_gradients_and_counts_loads_once(every: int, aux: float) -> None:
-    """train.activation_checkpointing=full (blocks 0, every, ...): fp64 loss and every gradient equal to the
-    run without recompute, MoE loads counted once, gate statistics those of the forward."""
+MLA_Q_LORA = ["model.attention.kind=mla", "model.attention.head_dim=8", "model.attention.rope_head_dim=4",
+              "model.attention.kv_lora_rank=16", "model.attention.q_lora_rank=16",
+              "model.attention.v_head_dim=8"]
+
+
+@pytest.mark.parametrize("mode, every, aux, variant", [
+    ("full", 1, 0.0, []), ("full", 2, 0.01, []),
+    ("selective", 1, 0.0, []), ("selective", 2, 0.01, []),
+    ("selective", 1, 0.01, [*MLA_Q_LORA, "model.engram.multi_branch=true"]),
+    ("selective", 1, 0.0, ["model.hyper_connections.num_streams=1", "model.moe.first_k_dense=0"]),
+], ids=["full-1", "full-2-aux", "selective-1", "selective-2-aux", "selective-mla-multibranch",
+        "selective-1stream"])
+def test_activation_recompute_gives_the_same_gradients_and_counts_loads_once(
+        mode: str, every: int, aux: float, variant: list[str]) -> None:
+    """train.activation_checkpointing=full|selective (blocks 0, every, ...): fp64 loss and every gradient
+    equal to the run without recompute, MoE loads counted once, gate and mHC statistics those of the
+    forward, and fewer saved bytes."""
+    from engram_pretrain.model.hyper_connections import HyperConnection
+    from engram_pretrain.model.recompute import saved_tensor_meter
     from engram_pretrain.train.engine import build_model
 
-    cfg = _compile_config()
+    cfg = _compile_config(variant)
     cfg.train.compile = False
     cfg.model.moe.seq_aux_loss_coef = aux
     results = []
-    for mode in ("none", "full"):
-        cfg.train.activation_checkpointing, cfg.train.activation_checkpointing_every = mode, every
+    for m in ("none", mode):
+        cfg.train.activation_checkpointing, cfg.train.activation_checkpointing_every = m, every
         model, store = build_model(cfg, None)
         model = model.double().train()
         for table in store.views.values():
             table.weight.data = table.weight.data.double()
+        hcs = [h for h in model.modules() if isinstance(h, HyperConnection)]
+        for h in hcs:
+            h.track_stats = True
         ids = torch.randint(0, 96, (2, 32), generator=torch.Generator().manual_seed(0))
-        out = model(ids, labels=ids.roll(-1, 1))
+        with saved_tensor_meter() as meter:
+            out = model(ids, labels=ids.roll(-1, 1))
         loss = out.loss + (out.aux_loss if out.aux_loss is not None else 0)
         loss.backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
         grads.update({f"table{k}": p.grad.to_dense() for k, p in store.tables.items()})
         loads = [m.load_accum.clone() for m in model.moe_layers()]
         gates = [b.engram.last_gate_mean for b in model.blocks if b.engram is not None]
-        results.append((loss.detach(), grads, loads, gates, model.recompute_every))
-    (l0, g0, ld0, gt0, r0), (l1, g1, ld1, gt1, r1) = results
+        stats = [dict(h.last_stats) for h in hcs]
+        results.append((loss.detach(), grads, loads, gates, model.recompute_every, stats, meter.nbytes))
+    (l0, g0, ld0, gt0, r0, st0, b0), (l1, g1, ld1, gt1, r1, st1, b1) = results
     assert r0 == 0 and r1 == every
     torch.testing.assert_close(l1, l0, rtol=0, atol=1e-12)
     assert g0.keys() == g1.keys() and len(g0) > 10
@@ -228,3 +249,6 @@ def test_activation_recompute_gives_the_same_gradients_and_counts_loads_once(eve
         torch.testing.assert_close(g1[name], g, rtol=0, atol=1e-12, msg=name)
     assert all(torch.equal(a, b) for a, b in zip(ld0, ld1, strict=True)) and sum(x.sum() for x in ld0) > 0
     assert all(torch.equal(a, b) for a, b in zip(gt0, gt1, strict=True))
+    for a, b in zip(st0, st1, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert b1 < b0, (b1, b0)

@@ -135,15 +135,17 @@ MLA = ["model.attention.kind=mla", "model.attention.head_dim=16", "model.attenti
        "model.attention.kv_lora_rank=32", "model.attention.v_head_dim=24"]
 
 
-@pytest.mark.parametrize("mode", ["none", "full"])
-@pytest.mark.parametrize("variant", [[], MLA, ["model.hyper_connections.num_streams=1"]],
-                         ids=["tiny", "mla", "no-mhc"])
+@pytest.mark.parametrize("mode", ["none", "full", "selective"])
+@pytest.mark.parametrize("variant", [[], MLA, ["model.hyper_connections.num_streams=1"],
+                                     ["model.engram.multi_branch=true",
+                                      "train.activation_checkpointing_every=2"]],
+                         ids=["tiny", "mla", "no-mhc", "multi-branch-every-2"])
 def test_activation_bytes_match_the_saved_tensor_meter(mode: str, variant: list[str]) -> None:
     cfg = load_preset("tiny", [*variant, "model.engram.token_compression=false", "data.seq_len=64",
                                f"train.activation_checkpointing={mode}"])
     measured = _measured_activations(cfg, batch=2)
     planned = activations_for(cfg, 2, mode, bf16=False).saved
-    assert planned == pytest.approx(measured, rel=0.15)
+    assert planned == pytest.approx(measured, rel=0.02)  # the issue asks 15%; the accounting is tighter
 
 
 def test_full_recompute_keeps_only_block_inputs_and_needs_one_block_back() -> None:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AttentionConfig, ModelConfig
+from .recompute import cheap
 
 
 class KVCache(Protocol):
@@ -191,11 +192,11 @@ class MultiHeadLatentAttention(nn.Module):
         """x: [B, T, D] -> [B, T, D]; key_mask: [B, cached + T] bool, False at padding."""
         b, t, _ = x.shape
         h, dn, dr, dv = self.num_heads, self.head_dim, self.rope_head_dim, self.v_head_dim
-        q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = self.wq(x) if self.q_lora_rank is None else self.wq_b(cheap(self.q_norm, self.wq_a(x)))
         q = q.view(b, t, h, dn + dr).transpose(1, 2)  # [B, H, T, dn + dr]
         q_nope, q_rope = q.split((dn, dr), dim=-1)
         c_kv, k_rope = self.wkv_a(x).split((self.kv_lora_rank, dr), dim=-1)  # [B, T, d_c], [B, T, dr]
-        kv = self.wkv_b(self.kv_norm(c_kv)).view(b, t, h, dn + dv).transpose(1, 2)
+        kv = self.wkv_b(cheap(self.kv_norm, c_kv)).view(b, t, h, dn + dv).transpose(1, 2)
         k_nope, v = kv.split((dn, dv), dim=-1)  # [B, H, T, dn], [B, H, T, dv]
         q_rope, k_rope = self.rope(q_rope, k_rope.unsqueeze(1), start_pos)  # k_rope: [B, 1, T, dr]
         q = torch.cat((q_nope, q_rope), dim=-1)

@@ -31,7 +31,7 @@ from torch import nn
 
 from .cache import ShortConvState
 from .config import EngramConfig
-from .recompute import recomputing
+from .recompute import cheap, recomputing
 
 GATE_ABS_MIN = 1e-6
 """Clamp of |s| inside the signed square root (demo value)."""
@@ -197,6 +197,11 @@ class EngramModule(nn.Module):
         weight = torch.cat([p.weight for p in self.key_projs])  # [G*D, d_mem]
         bias = torch.cat([p.bias for p in self.key_projs])  # [G*D]
         key = F.linear(e, weight, bias).unflatten(-1, (g, d))  # [B, T, G, D]
+        return cheap(self._gate, key, h)  # recomputed from the key projection under selective recompute
+
+    def _gate(self, key: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Key [B, T, G, D] and branch states h -> alpha [B, T, G] (the norms, dot product and sigmoid)."""
+        d = self.hidden_size
         key = _branch_rms_norm(key, self.key_norms)
         query = _branch_rms_norm(h, self.query_norms)  # [B, T, G, D]
         acc = torch.promote_types(key.dtype, torch.float32)  # the dot product of a bf16 model in fp32
@@ -250,8 +255,10 @@ class EngramModule(nn.Module):
         alpha = self.gates(h, e)  # [B, T, G]
         if not recomputing():  # the statistics of the real forward, not of an activation recompute
             self.last_gate_mean = alpha.detach().mean(dim=(0, 1))
-        u = alpha.unsqueeze(-1) * value  # [B, T, G, D]
-        return u + self._short_conv(u, conv_state, token_mask) if self.short_conv else u
+        u = cheap(torch.mul, alpha.unsqueeze(-1), value)  # [B, T, G, D]
+        if not self.short_conv:
+            return u
+        return cheap(lambda x: x + self._short_conv(x, conv_state, token_mask), u, module=self)
 
     def extra_repr(self) -> str:
         return (f"layer_id={self.layer_id}, hidden={self.hidden_size}, branches={self.num_branches}, "

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .config import HyperConnectionConfig
+from .recompute import cheap, recomputing, selective_active
 
 __all__ = ["HeadCollapse", "HyperConnection", "expand_streams", "sinkhorn"]
 
@@ -228,19 +229,29 @@ class HyperConnection(_StreamMixing):
         """
         _check_streams(streams, self.num_streams, self.hidden_size)
         if self.num_streams == 1:
-            return streams + sublayer(streams[:, :, 0]).unsqueeze(2)
+            return streams + _checked(sublayer, streams[:, :, 0]).unsqueeze(2)
+        if selective_active():  # selective recompute: the coefficients are recomputed, never saved
+            u = cheap(lambda s: self._pre_mix(self.coefficients(s)[0], s), streams, module=self)
+            y = _checked(sublayer, u)
+            return cheap(lambda s, y_: self._post_mix(*self.coefficients(s), s, y_), streams, y, module=self,
+                         keep_output=True)
         h_pre, h_post, h_res = self.coefficients(streams)
+        y = _checked(sublayer, self._pre_mix(h_pre, streams))
+        return self._post_mix(h_pre, h_post, h_res, streams, y)
+
+    @staticmethod
+    def _pre_mix(h_pre: Tensor, streams: Tensor) -> Tensor:
+        """The sublayer input u = sum_i pre_i x_i [B, T, D] in the streams' dtype."""
+        with torch.autocast(device_type=streams.device.type, enabled=False):
+            return torch.einsum("btm,btmd->btd", h_pre, streams.to(h_pre.dtype)).to(streams.dtype)
+
+    def _post_mix(self, h_pre: Tensor, h_post: Tensor, h_res: Tensor, streams: Tensor, y: Tensor) -> Tensor:
+        """x'_k = post_k * y + sum_j H_res[k, j] x_j [B, T, M, D] in the streams' dtype."""
         dtype = h_pre.dtype
         with torch.autocast(device_type=streams.device.type, enabled=False):
-            x = streams.to(dtype)
-            u = torch.einsum("btm,btmd->btd", h_pre, x).to(streams.dtype)  # [B, T, D]
-        y = sublayer(u)
-        if y.shape != u.shape:
-            raise ValueError(f"sublayer must map {tuple(u.shape)} to the same shape, got {tuple(y.shape)}")
-        with torch.autocast(device_type=streams.device.type, enabled=False):
-            mixed = torch.einsum("btkj,btjd->btkd", h_res, x)
+            mixed = torch.einsum("btkj,btjd->btkd", h_res, streams.to(dtype))
             out = h_post.unsqueeze(-1) * y.to(dtype).unsqueeze(2) + mixed  # [B, T, M, D]
-        if self.track_stats:
+        if self.track_stats and not recomputing():
             self.last_stats = _coefficient_stats(h_pre, h_post, h_res)
         return out.to(streams.dtype)
 
@@ -249,6 +260,14 @@ class HyperConnection(_StreamMixing):
             f"hidden_size={self.hidden_size}, num_streams={self.num_streams}, "
             f"sinkhorn_iters={self.sinkhorn_iters}, layer_index={self.layer_index}"
         )
+
+
+def _checked(sublayer: Callable[[Tensor], Tensor], u: Tensor) -> Tensor:
+    """sublayer(u), which must keep u's shape."""
+    y = sublayer(u)
+    if y.shape != u.shape:
+        raise ValueError(f"sublayer must map {tuple(u.shape)} to the same shape, got {tuple(y.shape)}")
+    return y
 
 
 @torch.no_grad()
@@ -298,6 +317,9 @@ class HeadCollapse(_StreamMixing):
         _check_streams(streams, self.num_streams, self.hidden_size)
         if self.num_streams == 1:
             return streams[:, :, 0]
+        return cheap(self._collapse, streams)  # recomputed under selective recompute
+
+    def _collapse(self, streams: Tensor) -> Tensor:
         w = self.weights(streams)
         with torch.autocast(device_type=streams.device.type, enabled=False):
             h = torch.einsum("btm,btmd->btd", w, streams.to(w.dtype))

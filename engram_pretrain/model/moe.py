@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MoEConfig
-from .recompute import recomputing
+from .recompute import cheap, recomputing
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -42,6 +42,11 @@ def max_violation(load: Tensor) -> Tensor:
     return torch.where(mean > 0, (load.max() - mean) / mean.clamp_min(1e-20), torch.zeros_like(mean))
 
 
+def swiglu_product(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up: the SwiGLU activation (a recomputed region under selective recompute)."""
+    return F.silu(gate) * up
+
+
 class SwiGLU(nn.Module):
     """FFN(x) = w2(silu(w1 x) * w3 x), no biases. `x: [..., dim] -> [..., dim]`."""
 
@@ -58,7 +63,7 @@ class SwiGLU(nn.Module):
             nn.init.normal_(lin.weight, mean=0.0, std=self.init_std)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(cheap(swiglu_product, self.w1(x), self.w3(x)))
 
 
 class Router(nn.Module):
@@ -152,7 +157,7 @@ class GroupedExperts(nn.Module):
 
     def forward_expert(self, e: int, x: Tensor) -> Tensor:
         """Local expert `e` (0-based within this module) on `x: [n, dim] -> [n, dim]`."""
-        return (F.silu(x @ self.w1[e]) * (x @ self.w3[e])) @ self.w2[e]
+        return swiglu_product(x @ self.w1[e], x @ self.w3[e]) @ self.w2[e]
 
     def forward_sorted(self, x: Tensor, counts: list[int]) -> Tensor:
         """Every local expert on its contiguous block: x: [sum(counts), dim] rows grouped by local expert,
@@ -166,7 +171,7 @@ class GroupedExperts(nn.Module):
         if len(counts) != self.num_experts:
             raise ValueError(f"forward_sorted: {len(counts)} counts for {self.num_experts} local experts")
         w1, w3, w2 = self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0)
-        outputs = [(F.silu(xe @ w1[e]) * (xe @ w3[e])) @ w2[e]
+        outputs = [cheap(swiglu_product, xe @ w1[e], xe @ w3[e]) @ w2[e]
                    for e, xe in enumerate(x.split(counts)) if xe.shape[0] > 0]
         return torch.cat(outputs) if outputs else x.new_zeros(0, self.dim)
 

@@ -19,8 +19,7 @@ Matmul outputs, the residual streams between sublayers, the Engram lookups and t
 nothing with a collective (expert all-to-all, sharded-table lookup) is ever recomputed, so a lookup is
 never redone. The recomputation is flagged (`recomputing()`), so modules with per-forward state keep the
 values of the real forward: the MoE load counts of loss-free balancing are not counted twice, and the
-logged gate and load statistics are the forward's. `selective` supports `loss.backward()` (what the trainer
-and DeepSpeed call), not `torch.autograd.grad` (the reentrant backward needs `.grad` accumulation).
+logged gate and load statistics are the forward's.
 
 `saved_tensor_meter()` counts the bytes autograd keeps for the backward, recipes excluded (the activation
 benchmark and the planner's validation use it).
@@ -162,13 +161,25 @@ def selective_forward() -> Iterator[None]:
         _SELECTIVE.reset(token)
 
 
+def selective_active() -> bool:
+    """True inside `selective_forward()` with grad enabled: `cheap` regions are recomputed."""
+    return _SELECTIVE.get() is not None and torch.is_grad_enabled()
+
+
 class _CheapRegion(torch.autograd.Function):
-    """Forward without a graph, inputs saved; backward recomputes `fn` with grad and back-propagates."""
+    """Forward without a graph, inputs saved; backward recomputes `fn` with grad and differentiates it.
+
+    The parameters `fn` reads are inputs of the function too and their gradients are returned, not
+    accumulated by a nested backward: a parameter read by two regions (an mHC layer's pre- and post-mix)
+    gets one summed gradient in the outer backward, so per-parameter gradient hooks (ZeRO's reduction)
+    fire once.
+    """
 
     @staticmethod
-    def forward(ctx: Any, fn: Callable[..., Any], state: tuple[str, bool, torch.dtype],
-                *inputs: Tensor | None) -> Any:
-        ctx.fn, ctx.state = fn, state
+    def forward(ctx: Any, fn: Callable[..., Any], state: tuple[str, bool, torch.dtype], n_inputs: int,
+                *inputs_and_params: Tensor | None) -> Any:
+        inputs = inputs_and_params[:n_inputs]
+        ctx.fn, ctx.state, ctx.params = fn, state, inputs_and_params[n_inputs:]
         ctx.save_for_backward(*inputs)
         out = fn(*inputs)
         ctx.tuple_output = isinstance(out, tuple)
@@ -176,32 +187,44 @@ class _CheapRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        needs = ctx.needs_input_grad[2:]
+        n = len(ctx.saved_tensors)
+        needs = ctx.needs_input_grad[3:]
         inputs = [None if x is None else x.detach().requires_grad_(need)
-                  for x, need in zip(ctx.saved_tensors, needs, strict=True)]
+                  for x, need in zip(ctx.saved_tensors, needs[:n], strict=True)]
         with torch.enable_grad(), _replay(ctx.state):
             out = ctx.fn(*inputs)
         outs = out if ctx.tuple_output else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if g is not None and o.requires_grad]
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        return (None, None, *[x.grad if x is not None and need else None
-                              for x, need in zip(inputs, needs, strict=True)])
+        wrt = [x for x, need in zip([*inputs, *ctx.params], needs, strict=True) if x is not None and need]
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+                   if pairs and wrt else [None] * len(wrt))
+        return (None, None, None, *[next(got) if x is not None and need else None
+                                    for x, need in zip([*inputs, *ctx.params], needs, strict=True)])
 
 
-def cheap(fn: Callable[..., Any], *inputs: Tensor | None, keep_output: bool = False) -> Any:
+def _parameters(fn: Callable[..., Any], module: torch.nn.Module | None) -> list[Tensor]:
+    owner = module if module is not None else fn if isinstance(fn, torch.nn.Module) else getattr(
+        fn, "__self__", None)
+    if not isinstance(owner, torch.nn.Module):
+        return []
+    return [p for p in owner.parameters() if p.requires_grad]
+
+
+def cheap(fn: Callable[..., Any], *inputs: Tensor | None, module: torch.nn.Module | None = None,
+          keep_output: bool = False) -> Any:
     """`fn(*inputs)`; inside `selective_forward()` a recomputed region (see the module docstring).
 
-    `fn` may read parameters of modules it calls; every tensor it reads that needs a gradient and is not a
-    parameter must be passed in `inputs`. `keep_output`: the outputs stay saved where later ops save them
-    (the residual streams) instead of becoming recipes.
+    The parameters `fn` may read are those of `module`, else of `fn` itself when it is a module or a bound
+    method of one; every other tensor it reads that needs a gradient must be passed in `inputs`.
+    `keep_output`: the outputs stay saved where later ops save them (the residual streams) instead of
+    becoming recipes.
     """
     recipes = _SELECTIVE.get()
     if recipes is None or not torch.is_grad_enabled():
         return fn(*inputs)
     device = next((x.device.type for x in inputs if x is not None), "cpu")
     state = _autocast_state(device)
-    out = _CheapRegion.apply(fn, state, *inputs)
+    out = _CheapRegion.apply(fn, state, len(inputs), *inputs, *_parameters(fn, module))
     if not keep_output:
         packed = [recipes.pack(x) if isinstance(x, Tensor) else x for x in inputs]
         outs = out if isinstance(out, tuple) else (out,)

@@ -19,7 +19,7 @@ from .config import ModelConfig
 from .engram import EngramModule, TableFactory, local_table_factory
 from .hyper_connections import HeadCollapse, HyperConnection, expand_streams
 from .moe import MoE, SwiGLU
-from .recompute import checkpointed
+from .recompute import cheap, checkpointed, selective_forward
 
 # State-dict names that code outside the model relies on (checkpoints, export, init_from).
 ROUTER_BIAS_SUFFIX = ".ffn.router.expert_bias"
@@ -90,8 +90,9 @@ class Block(nn.Module):
             else:
                 streams = self.engram_hc(
                     streams, lambda u: engram(u.unsqueeze(2), row_ids, conv, token_mask).squeeze(2))
-        streams = self.attn_hc(streams, lambda u: self.attn(self.attn_norm(u), start_pos, kv, key_mask))
-        return self.ffn_hc(streams, lambda u: self.ffn(self.ffn_norm(u)))
+        attn = self.attn
+        streams = self.attn_hc(streams, lambda u: attn(cheap(self.attn_norm, u), start_pos, kv, key_mask))
+        return self.ffn_hc(streams, lambda u: self.ffn(cheap(self.ffn_norm, u)))
 
 
 class EngramMoEModel(nn.Module):
@@ -103,8 +104,10 @@ class EngramMoEModel(nn.Module):
         cfg.validate()
         self.config = cfg
         self.recompute_every = 0
-        """Activation recompute in training: blocks 0, n, 2n, ... are checkpointed (`model.recompute`);
-        0 = none. Set by the trainer from `train.activation_checkpointing`."""
+        """Activation recompute in training: blocks 0, n, 2n, ... are recomputed (`model.recompute`);
+        0 = none. Set by the trainer from `train.activation_checkpointing(_every)`."""
+        self.selective_recompute = False
+        """Recomputed blocks drop only their cheap regions (`selective`), not everything (`full`)."""
         dim, e = cfg.hidden_size, cfg.engram
         self.embed = nn.Embedding(cfg.vocab_size, dim)
         self.addresser: EngramAddresser | None = None
@@ -210,7 +213,11 @@ class EngramMoEModel(nn.Module):
         for i, block in enumerate(self.blocks):
             row_ids = engram_row_ids.get(block.layer_id)
             if every and i % every == 0:
-                streams = checkpointed(block, streams, row_ids, None, key_mask)
+                if self.selective_recompute:
+                    with selective_forward():
+                        streams = block(streams, row_ids, None, key_mask)
+                else:
+                    streams = checkpointed(block, streams, row_ids, None, key_mask)
             else:
                 streams = block(streams, row_ids, cache, key_mask)
             if output_hidden_states:

@@ -11,7 +11,9 @@ SDPA keeps q, k, v, the output and the log-sum-exp (no T x T matrix).
 A recompute mode is one function `(per-block bytes, outside-block bytes, inputs) -> ActivationBytes`
 registered in `MODES`: `none` keeps every block's tensors; `full` keeps only the inputs of the
 checkpointed blocks (streams and row ids) and needs one block's tensors again while recomputing it in the
-backward (`recompute_peak`).
+backward (`recompute_peak`); `selective` keeps, per block, the input streams of every mHC layer, the
+sublayer outputs, the matmul outputs and lookups (`selective_block_bytes`), and needs one cheap region's
+internals back at a time.
 """
 
 from __future__ import annotations
@@ -176,7 +178,54 @@ def _full(model: ModelConfig, tokens: int, seq_len: int, a: int, every: int) -> 
     return ActivationBytes(saved=saved, recompute_peak=peak)
 
 
-MODES: dict[str, Mode] = {"none": _none, "full": _full}
+def selective_block_bytes(model: ModelConfig, layer: int, tokens: int, seq_len: int, a: int) -> int:
+    """Saved bytes of block `layer` under selective recompute (`model/recompute.py`): norms, mHC
+    coefficients and mixes, SwiGLU products and the Engram gate/conv chain are recipes; what stays is each
+    mHC layer's input streams and real sublayer output, the attention core, the up projections' outputs, the
+    router and dispatch tensors, the Engram ids, lookup, key and value."""
+    d, m = model.hidden_size, model.hyper_connections.num_streams
+    at, moe = model.attention, model.moe
+
+    def hc(output_saved: bool) -> int:  # the layer's input streams (+ its sublayer output)
+        return m * d * a + (d * a if m > 1 and output_saved else 0)
+
+    if at.kind == "gqa":
+        attn = _attention(model, a) - d * a  # the norm output is a recipe
+    else:
+        dn = at.head_dim or d // at.num_heads
+        h, dr, dv, dc = at.num_heads, at.rope_head_dim, at.v_head_dim or dn, at.kv_lora_rank
+        q = 0 if at.q_lora_rank is None else at.q_lora_rank * a  # wq_a output (its norm is a recipe)
+        attn = q + (dc + dr) * a + 2 * h * (dn + dr) * a + h * (dn + dv) * a + F32 * h + 2 * h * dv * a
+    if layer >= moe.first_k_dense:
+        k, fe = moe.top_k, moe.expert_dim
+        router = (d * F32 if a != F32 else 0) + moe.num_routed_experts * F32 + I64 * k + F32 + F32 * k
+        dispatch = I64 * k + k * d * a + 2 * k * fe * a + I64 * k + F32 * k + 2 * k * d * F32
+        ffn = router + dispatch + 2 * moe.num_shared_experts * fe * a
+    else:
+        ffn = 2 * model.dense_ffn_dim * a
+    per_token = hc(True) + attn + hc(True) + ffn
+    const = _rope_constant(model, seq_len)
+    if layer in model.engram.layers:
+        e = model.engram
+        g = m if e.multi_branch else 1
+        per_token += I64 * (e.max_ngram - 1) * e.num_heads + e.d_mem * a + d * a
+        if e.gating:
+            per_token += g * d * a + (m * d * a if e.multi_branch else 0)  # key; the branch states
+            const += g * d * e.d_mem * a  # the concatenated key projections
+        if not e.multi_branch:
+            per_token += hc(False)  # the Engram output is a recipe
+    return per_token * tokens + const
+
+
+def _selective(model: ModelConfig, tokens: int, seq_len: int, a: int, every: int) -> ActivationBytes:
+    saved = outside_bytes(model, tokens, a)
+    for i in range(model.num_layers):
+        block = selective_block_bytes if i % every == 0 else block_bytes
+        saved += block(model, i, tokens, seq_len, a)
+    return ActivationBytes(saved=saved, recompute_peak=_hyper_connection(model, a) * tokens)
+
+
+MODES: dict[str, Mode] = {"none": _none, "full": _full, "selective": _selective}
 """train.activation_checkpointing -> its accounting."""
 
 

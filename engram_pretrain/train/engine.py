@@ -53,8 +53,9 @@ def build_model(cfg: RunConfig, compression: CompressionMap | None,
                            table_factory=store.factory(cfg.model.engram.table_init_std, sparse=True))
     if expert_parallel is not None:
         expert_parallel.prepare_model(model)
-    if cfg.train.activation_checkpointing == "full":
+    if cfg.train.activation_checkpointing != "none":
         model.recompute_every = cfg.train.activation_checkpointing_every
+        model.selective_recompute = cfg.train.activation_checkpointing == "selective"
     if cfg.train.compile:
         for block in model.blocks:  # block by block: the embedding, hashing and head stay eager
             block.compile()
@@ -99,6 +100,11 @@ def build_components(cfg: RunConfig, info: DistInfo, dataset: DatasetDir | None,
                        "sidecar); precomputed rows are not read yet")
     ds_config = build_ds_config(cfg, info.world_size, use_cuda=info.device.type == "cuda")
     zero_stage = int(ds_config["zero_optimization"]["stage"])
+    if zero_stage == 3 and cfg.train.activation_checkpointing == "selective":
+        # ZeRO-3 releases a module's parameters after its forward; a selective region's backward recompute
+        # runs the module again and differentiates after that release (docs/training.md)
+        raise ConfigError("train.activation_checkpointing: selective is not supported with ZeRO stage 3 "
+                          "yet; use full (or ZeRO 0-2)")
     expert_parallel = setup_expert_parallel(cfg, info.world_size, zero_stage)  # None when ep_size == 1
     model, store = build_model(cfg, compression_map_for(cfg, dataset), expert_parallel, device=info.device,
                                table_group=table_process_group(cfg))
