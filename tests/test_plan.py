@@ -107,28 +107,13 @@ def test_state_bytes_equal_what_the_engine_holds(world: int, dataset: Path, tmp_
 def _measured_activations(cfg: Any, batch: int) -> int:
     """Saved-tensor bytes of one forward (parameters excluded) plus what checkpointed blocks keep (their
     input streams and row ids)."""
-    from engram_pretrain.model.recompute import saved_tensor_meter
+    from engram_pretrain.model.recompute import measure_saved_activations
     from engram_pretrain.train.engine import build_model
 
     model = build_model(cfg, None)[0].train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
-
-    def keep_inputs(_module: Any, args: tuple[Any, ...]) -> None:
-        for x in args:
-            if torch.is_tensor(x):
-                kept[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
-
-    for i, block in enumerate(model.blocks):
-        if model.recompute_every and i % model.recompute_every == 0:
-            block.register_forward_pre_hook(keep_inputs)
     ids = torch.randint(0, cfg.model.vocab_size, (batch, cfg.data.seq_len),
                         generator=torch.Generator().manual_seed(0))
-    with saved_tensor_meter() as meter:
-        out = model(ids, labels=ids.roll(-1, 1))
-    storages = {k: v for k, v in meter.storages.items() if k not in params}
-    out.loss.backward()
-    return sum({**storages, **kept}.values())
+    return measure_saved_activations(model, ids)
 
 
 MLA = ["model.attention.kind=mla", "model.attention.head_dim=16", "model.attention.rope_head_dim=8",

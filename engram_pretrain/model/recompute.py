@@ -268,3 +268,30 @@ def saved_tensor_meter() -> Iterator[SavedTensorMeter]:
             yield meter
     finally:
         _OBSERVER.reset(token)
+
+
+def measure_saved_activations(model: torch.nn.Module, input_ids: Tensor) -> int:
+    """Bytes one training forward of `model` (an `EngramMoEModel`) on `input_ids` keeps for its backward:
+    the meter's storages without the parameters, plus the inputs a `full`-recomputed block keeps (torch's
+    checkpoint holds them outside the saved-tensor hooks). Runs the backward to free them."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def keep_inputs(_module: Any, args: tuple[Any, ...]) -> None:
+        for x in args:
+            if isinstance(x, Tensor):
+                kept[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+
+    every = getattr(model, "recompute_every", 0)
+    full = every and not getattr(model, "selective_recompute", False)
+    hooks = [block.register_forward_pre_hook(keep_inputs)
+             for i, block in enumerate(model.blocks) if full and i % every == 0]  # type: ignore[union-attr]
+    try:
+        with saved_tensor_meter() as meter:
+            out = model(input_ids, labels=input_ids.roll(-1, 1))
+    finally:
+        for h in hooks:
+            h.remove()
+    out.loss.backward()
+    storages = {k: v for k, v in meter.storages.items() if k not in params}
+    return sum({**storages, **kept}.values())

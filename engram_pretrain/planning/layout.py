@@ -20,7 +20,7 @@ class Layout:
     """replicated | sharded"""
     host_tables: bool
     activation_checkpointing: str
-    """none | full (a new mode is one function in `planning.activations`)"""
+    """none | selective | full (a new mode is one function in `planning.activations`)"""
     micro_batch_size: int
     grad_accum_steps: int
     offload_optimizer: bool
@@ -93,6 +93,8 @@ def layout_problem(layout: Layout, num_experts: int, world: int, bf16: bool) -> 
                 "without ZeRO")
     if layout.offload_optimizer and layout.zero_stage == 0:
         return "deepspeed.offload_optimizer needs ZeRO stage >= 1"
+    if layout.activation_checkpointing == "selective" and layout.zero_stage == 3:
+        return "train.activation_checkpointing=selective needs ZeRO stage 0-2"
     return None
 
 
@@ -106,7 +108,7 @@ def candidate_layouts(base: Layout, num_experts: int, world: int, bf16: bool) ->
         for ep in ep_sizes:
             for sharding in ("replicated", "sharded"):
                 for host in (False, True):
-                    for ckpt in ("none", "full"):
+                    for ckpt in ("none", "selective", "full"):
                         for mbs in micro:
                             for offload in (False, True):
                                 layout = Layout(stage, ep, sharding, host, ckpt, mbs, global_micro // mbs,
